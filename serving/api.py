@@ -1,0 +1,106 @@
+"""REST routes: thin adapters from HTTP to ``GenerationService``."""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from models.schedulers import SCHEDULERS
+from serving.errors import ApiError, install_error_handlers
+from serving.outputs import OutputStore
+from serving.schemas import (
+    ErrorResponse,
+    ImageData,
+    ImageGenerationRequest,
+    ImageGenerationResponse,
+    ModelCard,
+    ModelList,
+)
+from serving.service import GenerationService
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        404: "Unknown model",
+        422: "Invalid request",
+        500: "Internal error",
+        503: "Overloaded or a stage is unavailable",
+        504: "Deadline exceeded",
+    }.items()
+}
+
+
+def create_api(service: GenerationService, outputs: OutputStore) -> FastAPI:
+    """Build the FastAPI app for one ingress replica."""
+    app = FastAPI(
+        title="sdserve",
+        version="0.1.0",
+        description="Stable Diffusion serving: OpenAI Images API compatible text-to-image.",
+    )
+    install_error_handlers(app)
+    config = service.config
+
+    @app.post("/v1/images/generations", response_model=ImageGenerationResponse, responses=_ERRORS)
+    async def generate(body: ImageGenerationRequest, request: Request) -> JSONResponse:
+        req = service.prepare(body)
+        result = await service.generate(req)
+        if body.response_format == "url":
+            base = (config.outputs.public_base_url or str(request.base_url)).rstrip("/")
+            data = [ImageData(url=f"{base}/v1/images/{outputs.put(img, result.media_type)}") for img in result.images]
+        else:
+            data = [ImageData(b64_json=base64.b64encode(img).decode("ascii")) for img in result.images]
+        response = ImageGenerationResponse(
+            created=int(time.time()),
+            data=data,
+            model=req.model,
+            model_version=result.model_version,
+            seed=req.seed,
+            size=f"{req.width}x{req.height}",
+            steps=req.steps,
+            guidance_scale=req.guidance_scale,
+            scheduler=req.scheduler,
+            output_format=req.output_format,
+            timings_ms=result.timings_ms,
+        )
+        headers = {"x-sdserve-model-version": result.model_version, "x-sdserve-seed": str(req.seed)}
+        return JSONResponse(response.model_dump(mode="json", exclude_none=True), headers=headers)
+
+    @app.get("/v1/images/{image_id}", responses={404: _ERRORS[404]})
+    async def get_image(image_id: str) -> Response:
+        found = outputs.get(image_id)
+        if found is None:
+            raise ApiError(404, "image_not_found", "no such image, or it expired", "image_id")
+        data, media_type = found
+        return Response(content=data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        return ModelList(data=[ModelCard(id=m.name, description=m.description) for m in config.models])
+
+    @app.get("/v1/schedulers")
+    async def list_schedulers() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "default": config.defaults.scheduler,
+            "data": [{"id": name, "label": spec.label} for name, spec in SCHEDULERS.items()],
+        }
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: _ERRORS[503]})
+    async def readyz() -> JSONResponse:
+        stages = await service.describe_stages()
+        not_ready = [name for name, info in stages.items() if not info["ready"]]
+        if not_ready:
+            err = ApiError(503, "not_ready", f"stages not ready: {', '.join(not_ready)}")
+            body = {"error": {"code": err.code, "message": err.message, "param": None}, "stages": stages}
+            return JSONResponse(body, status_code=503)
+        return JSONResponse({"status": "ready", "stages": stages})
+
+    return app

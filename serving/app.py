@@ -1,0 +1,88 @@
+"""``build_app``: the Ray Serve import path target (``serving.app:build_app``).
+
+Pure: it validates the config and returns a bound application; nothing is loaded or started here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from serving.config import AppConfig, DeploymentSpec
+
+DEPLOYMENT_NAMES = {
+    "ingress": "Ingress",
+    "text_encoder": "TextEncoder",
+    "denoiser": "Denoiser",
+    "decoder": "Decoder",
+}
+
+
+def deployment_options(name: str, spec: DeploymentSpec) -> dict[str, Any]:
+    """Serve ``.options()`` for one deployment from its config section."""
+    res = spec.resources
+    actor: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
+    if res.memory:
+        actor["memory"] = res.memory
+    if res.resources:
+        actor["resources"] = dict(res.resources)
+    options: dict[str, Any] = {
+        "name": name,
+        "ray_actor_options": actor,
+        "max_ongoing_requests": spec.max_ongoing_requests,
+        "max_queued_requests": spec.max_queued_requests,
+        "health_check_period_s": spec.health_check_period_s,
+        "graceful_shutdown_timeout_s": spec.graceful_shutdown_timeout_s,
+    }
+    scale = spec.autoscaling
+    if scale.min_replicas == scale.max_replicas:
+        options["num_replicas"] = scale.max_replicas
+    else:
+        options["autoscaling_config"] = {
+            "min_replicas": scale.min_replicas,
+            "max_replicas": scale.max_replicas,
+            "initial_replicas": scale.initial_replicas,
+            "target_ongoing_requests": scale.target_ongoing_requests,
+            "upscale_delay_s": scale.upscale_delay_s,
+            "downscale_delay_s": scale.downscale_delay_s,
+        }
+    return options
+
+
+def build_app(args: dict[str, Any] | AppConfig) -> Application:
+    """Bind the ingress and the three stage deployments for ``args`` (an ``AppConfig`` or its dict)."""
+    from serving.deployments.decoder import DecoderDeployment
+    from serving.deployments.denoiser import DenoiserDeployment
+    from serving.deployments.ingress import IngressDeployment
+    from serving.deployments.text_encoder import TextEncoderDeployment
+
+    config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
+    if not config.models:
+        raise ValueError("the config has no models; add at least one to `models`")
+    data = config.to_args()
+
+    def opts(section: str) -> dict[str, Any]:
+        spec: DeploymentSpec = getattr(config, section)
+        return deployment_options(DEPLOYMENT_NAMES[section], spec)
+
+    text_encoder = TextEncoderDeployment.options(**opts("text_encoder")).bind(data)
+    denoiser = DenoiserDeployment.options(**opts("denoiser")).bind(data)
+    decoder = DecoderDeployment.options(**opts("decoder")).bind(data)
+    return IngressDeployment.options(**opts("ingress")).bind(data, text_encoder, denoiser, decoder)
+
+
+def render_serve_config(config: AppConfig) -> dict[str, Any]:
+    """The Ray Serve config file (``serve run`` / ``serve deploy`` / RayService ``serveConfigV2``)."""
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": config.http.host, "port": config.http.port},
+        "applications": [
+            {
+                "name": config.app_name,
+                "route_prefix": config.route_prefix,
+                "import_path": "serving.app:build_app",
+                "args": config.to_args(),
+            }
+        ],
+    }

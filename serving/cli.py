@@ -1,0 +1,163 @@
+"""The ``sdserve`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from serving.config import AppConfig
+from serving.env import SDSERVE_LOG_LEVEL
+
+logger = logging.getLogger("sdserve")
+
+
+def _load_config(path: str | None) -> AppConfig:
+    return AppConfig.from_yaml(path) if path else AppConfig()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serving.local import ensure_default_model, start_local, stop_local
+
+    config = ensure_default_model(_load_config(args.config))
+    url = start_local(config, host=args.host, port=args.port)
+    logger.info("sdserve is serving on %s (docs at %s/docs); Ctrl-C stops it", url, url)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    logger.info("shutting down")
+    stop_local()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start the service, generate one image through the OpenAI-compatible endpoint, save it, stop."""
+    import httpx
+
+    from serving.local import ensure_default_model, free_port, output_path, start_local, stop_local
+
+    config = ensure_default_model(_load_config(args.config))
+    started = time.perf_counter()
+    url = start_local(config, host="127.0.0.1", port=args.port or free_port())
+    startup_s = time.perf_counter() - started
+    try:
+        body = {"prompt": args.prompt, "response_format": "b64_json", "seed": args.seed}
+        if args.size:
+            body["size"] = args.size
+        if args.steps:
+            body["steps"] = args.steps
+        t0 = time.perf_counter()
+        response = httpx.post(f"{url}/v1/images/generations", json=body, timeout=600)
+        elapsed = time.perf_counter() - t0
+        if response.status_code != 200:
+            print(f"generation failed ({response.status_code}): {response.text}", file=sys.stderr)
+            return 1
+        result = response.json()
+        path = output_path(args.out, result["output_format"].replace("jpeg", "jpg"))
+        path.write_bytes(base64.b64decode(result["data"][0]["b64_json"]))
+        print(f"wrote {path} ({result['size']}, model {result['model']}@{result['model_version']}, "
+              f"seed {result['seed']}, {result['steps']} steps)")  # fmt: skip
+        print(f"generation took {elapsed:.2f} s (service start {startup_s:.1f} s)")
+    finally:
+        stop_local()
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from serving.app import render_serve_config
+
+    config = AppConfig.from_yaml(args.config)
+    text = yaml.safe_dump(render_serve_config(config), sort_keys=False)
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_config_defaults(args: argparse.Namespace) -> int:
+    sys.stdout.write(yaml.safe_dump(AppConfig().to_args(), sort_keys=False))
+    return 0
+
+
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    sys.stdout.write(json.dumps(AppConfig.model_json_schema(), indent=2) + "\n")
+    return 0
+
+
+def cmd_create_test(args: argparse.Namespace) -> int:
+    from models.testmodels import create_test_model
+
+    t0 = time.perf_counter()
+    path = create_test_model(args.directory, size=args.size, seed=args.seed, dtype=args.dtype)
+    print(f"wrote {args.size} test model (seed {args.seed}) to {path} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from models.testmodels import TEST_MODEL_SIZES
+
+    parser = argparse.ArgumentParser(prog="sdserve", description="Stable Diffusion serving on Ray Serve.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the service on a local embedded Ray (no cluster needed)")
+    serve.add_argument("--config", help="AppConfig YAML; with none, the tiny test model is served")
+    serve.add_argument("--host", help="listen address (default: config http.host)")
+    serve.add_argument("--port", type=int, help="listen port (default: config http.port)")
+    serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser("demo", help="start, generate one image into --out, stop")
+    demo.add_argument("--config", help="AppConfig YAML; with none, the tiny test model is served")
+    demo.add_argument("--out", default="out", help="folder for the image")
+    demo.add_argument("--prompt", default="a photo of an astronaut riding a horse on mars")
+    demo.add_argument("--size", help="WIDTHxHEIGHT (default: the config's default size)")
+    demo.add_argument("--steps", type=int, help="denoising steps (default: the config's)")
+    demo.add_argument("--seed", type=int, default=42)
+    demo.add_argument("--port", type=int, help="listen port (default: a free one)")
+    demo.set_defaults(func=cmd_demo)
+
+    render = sub.add_parser("render-serve-config", help="write the Ray Serve config file for an AppConfig YAML")
+    render.add_argument("config", help="AppConfig YAML")
+    render.add_argument("-o", "--output", help="file to write (default: stdout)")
+    render.set_defaults(func=cmd_render)
+
+    config = sub.add_parser("config", help="inspect the configuration model")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    config_sub.add_parser("defaults", help="print every setting with its default, as YAML").set_defaults(
+        func=cmd_config_defaults
+    )
+    config_sub.add_parser("schema", help="print the JSON schema of AppConfig").set_defaults(func=cmd_config_schema)
+
+    models = sub.add_parser("models", help="model utilities")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    create = models_sub.add_parser("create-test", help="write a randomly initialised model (diffusers layout)")
+    create.add_argument("directory")
+    create.add_argument("--size", choices=sorted(TEST_MODEL_SIZES), default="tiny")
+    create.add_argument("--seed", type=int, default=0)
+    create.add_argument("--dtype", choices=["float32", "float16"], help="weight dtype on disk (default: per size)")
+    create.set_defaults(func=cmd_create_test)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=SDSERVE_LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        print(f"sdserve: error: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""``AppConfig``: the one description of a deployment of sdserve.
+
+From it come the Ray Serve config file (``sdserve render-serve-config``), the CLI defaults and, through the
+Helm chart's values, the RayService ``serveConfigV2``. Every field has a default and a description.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from models.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+
+Dtype = Literal["auto", "float16", "bfloat16", "float32"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    """One servable model in the catalog."""
+
+    name: str = Field(description="Name clients use in the `model` field of a request.", pattern=r"^[\w.\-]+$")
+    source: str = Field(description="Where the diffusers-layout snapshot lives: a local path or file:// URI.")
+    description: str = Field(default="", description="Free text shown in GET /v1/models.")
+
+
+class AutoscalingSpec(_Strict):
+    """Ray Serve autoscaling for one deployment (used when min_replicas != max_replicas)."""
+
+    min_replicas: int = Field(default=1, ge=0, description="Lower bound on replicas (0 allows scale to zero).")
+    max_replicas: int = Field(default=1, ge=1, description="Upper bound on replicas.")
+    initial_replicas: int | None = Field(default=None, ge=0, description="Replicas at deploy time; min when unset.")
+    target_ongoing_requests: float = Field(
+        default=2.0, gt=0, description="Requests per replica (running + queued) the autoscaler aims for."
+    )
+    upscale_delay_s: float = Field(default=10.0, ge=0, description="Seconds load must stay high before adding.")
+    downscale_delay_s: float = Field(default=120.0, ge=0, description="Seconds load must stay low before removing.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class ResourceSpec(_Strict):
+    """Ray resources one replica reserves (ray_actor_options)."""
+
+    num_cpus: float = Field(default=1.0, ge=0, description="Logical CPUs per replica.")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per replica (fractions share a GPU).")
+    memory: int | None = Field(default=None, ge=0, description="Bytes of memory to reserve, if set.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources, e.g. {'sdserve-denoiser': 1} to pin to a group."
+    )
+
+
+class DeploymentSpec(_Strict):
+    """Options common to every Serve deployment."""
+
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Replica count and scaling.")
+    resources: ResourceSpec = Field(default_factory=ResourceSpec, description="Per-replica Ray resources.")
+    max_ongoing_requests: int = Field(default=16, ge=1, description="Requests one replica works on at once.")
+    max_queued_requests: int = Field(
+        default=64, ge=-1, description="Requests waiting per caller for a replica before 503; -1 is unbounded."
+    )
+    health_check_period_s: float = Field(default=10.0, gt=0, description="Seconds between health checks.")
+    graceful_shutdown_timeout_s: float = Field(default=30.0, ge=0, description="Drain time before a replica stops.")
+
+
+class StageSpec(DeploymentSpec):
+    """A model stage: Serve options plus how it runs torch."""
+
+    device: str = Field(default="auto", description="'auto' (CUDA if visible, else CPU), 'cpu', 'cuda', 'cuda:1'.")
+    dtype: Dtype = Field(default="auto", description="Weights dtype; 'auto' is fp16 on CUDA, fp32 on CPU.")
+    torch_threads: int | None = Field(default=None, ge=1, description="Intra-op CPU threads; torch's default if unset.")
+    max_batch_size: int = Field(default=8, ge=1, description="Most items the stage computes in one call.")
+    batch_wait_timeout_s: float = Field(
+        default=0.005, ge=0, description="How long a batch waits for more requests before it runs."
+    )
+
+
+class TextEncoderSpec(StageSpec):
+    """Text-encoding stage (tokenizer + CLIP)."""
+
+    cache_size: int = Field(default=4096, ge=0, description="Embeddings kept in the LRU cache per model.")
+    resources: ResourceSpec = Field(
+        default_factory=lambda: ResourceSpec(num_cpus=0.5), description="Per-replica Ray resources."
+    )
+
+
+class DenoiserSpec(StageSpec):
+    """Denoising stage (UNet + scheduler loop with step-level batching)."""
+
+
+class DecoderSpec(StageSpec):
+    """Decoding stage (VAE + image encoding)."""
+
+    tile_above_pixels: int = Field(
+        default=1024 * 1024, ge=64 * 64, description="Images with more pixels than this are VAE-decoded in tiles."
+    )
+    resources: ResourceSpec = Field(
+        default_factory=lambda: ResourceSpec(num_cpus=0.5), description="Per-replica Ray resources."
+    )
+
+
+class IngressSpec(DeploymentSpec):
+    """The HTTP ingress (FastAPI)."""
+
+    resources: ResourceSpec = Field(
+        default_factory=lambda: ResourceSpec(num_cpus=0.25), description="Per-replica Ray resources."
+    )
+    max_ongoing_requests: int = Field(default=256, ge=1, description="Requests one replica works on at once.")
+
+
+class LimitsSpec(_Strict):
+    """What a request may ask for; anything outside gets a 422."""
+
+    min_size: int = Field(default=64, ge=8, description="Smallest width / height in pixels.")
+    max_size: int = Field(default=1024, ge=8, description="Largest width / height in pixels.")
+    max_steps: int = Field(default=150, ge=1, le=1000, description="Most denoising steps per request.")
+    max_images: int = Field(default=8, ge=1, description="Largest `n` (images per request).")
+    max_prompt_tokens: int = Field(
+        default=225, ge=75, description="Longest prompt in CLIP tokens (75 per chunk; longer prompts are chunked)."
+    )
+    max_guidance_scale: float = Field(default=30.0, ge=0, description="Largest guidance_scale.")
+    request_timeout_s: float = Field(default=300.0, gt=0, description="Seconds before a request fails with 504.")
+
+
+class DefaultsSpec(_Strict):
+    """Values used when a request leaves a field out."""
+
+    size: str = Field(default="512x512", pattern=r"^\d+x\d+$", description="Default `size` (WIDTHxHEIGHT).")
+    steps: int = Field(default=25, ge=1, description="Default denoising steps.")
+    guidance_scale: float = Field(default=7.5, ge=0, description="Default classifier-free guidance scale.")
+    scheduler: str = Field(default=DEFAULT_SCHEDULER, description="Default scheduler (see GET /v1/schedulers).")
+    output_format: Literal["png", "jpeg", "webp"] = Field(default="png", description="Default image file format.")
+
+
+class OutputSpec(_Strict):
+    """Where images returned as `url` are kept."""
+
+    directory: str = Field(default="/tmp/sdserve/outputs", description="Local folder for generated images.")
+    ttl_s: float = Field(default=3600.0, gt=0, description="Seconds an image stays downloadable.")
+    public_base_url: str | None = Field(
+        default=None, description="Base of returned urls (e.g. https://img.example.com); the request's host if unset."
+    )
+
+
+class HttpSpec(_Strict):
+    """Where Serve's HTTP proxy listens."""
+
+    host: str = Field(default="0.0.0.0", description="Listen address of the HTTP proxy.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Listen port of the HTTP proxy.")
+
+
+class AppConfig(_Strict):
+    """Everything that describes one sdserve application."""
+
+    app_name: str = Field(default="sdserve", description="Ray Serve application name.")
+    route_prefix: str = Field(default="/", description="HTTP route prefix of the application.")
+    models: list[ModelSpec] = Field(default_factory=list, description="Model catalog; the first is the default.")
+    http: HttpSpec = Field(default_factory=HttpSpec, description="HTTP proxy settings.")
+    ingress: IngressSpec = Field(default_factory=IngressSpec, description="Ingress deployment.")
+    text_encoder: TextEncoderSpec = Field(default_factory=TextEncoderSpec, description="Text-encoding stage.")
+    denoiser: DenoiserSpec = Field(default_factory=DenoiserSpec, description="Denoising stage.")
+    decoder: DecoderSpec = Field(default_factory=DecoderSpec, description="Decoding stage.")
+    limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Request limits.")
+    defaults: DefaultsSpec = Field(default_factory=DefaultsSpec, description="Request defaults.")
+    outputs: OutputSpec = Field(default_factory=OutputSpec, description="Storage for url responses.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AppConfig:
+        names = [m.name for m in self.models]
+        if len(names) != len(set(names)):
+            raise ValueError("model names must be unique")
+        if self.defaults.scheduler not in SCHEDULERS:
+            raise ValueError(f"defaults.scheduler must be one of {sorted(SCHEDULERS)}")
+        if self.limits.min_size > self.limits.max_size:
+            raise ValueError("limits.min_size must not exceed limits.max_size")
+        return self
+
+    @property
+    def default_model(self) -> str | None:
+        return self.models[0].name if self.models else None
+
+    def model(self, name: str) -> ModelSpec | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> AppConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        return cls.model_validate(data)
+
+    def to_args(self) -> dict[str, Any]:
+        """The JSON-safe dict passed as `args` to `serving.app:build_app`."""
+        return self.model_dump(mode="json")

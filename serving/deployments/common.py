@@ -1,0 +1,47 @@
+"""What every stage deployment shares: building its ``StageRuntime`` from the config, one compute thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from serving.config import AppConfig, StageSpec
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class StageReplica:
+    """Base of the stage deployments: loads the stage's components for every catalog model at start.
+
+    Torch work runs on one dedicated thread so the replica's event loop stays free for health checks,
+    cancellation and new arrivals; intra-op parallelism comes from torch's own threads.
+    """
+
+    kind: str = ""
+
+    def __init__(self, config: dict[str, Any], **options: Any) -> None:
+        from models.runtime import StageRuntime  # torch is imported inside the replica, never by the ingress
+
+        self.config = AppConfig.model_validate(config)
+        spec: StageSpec = getattr(self.config, self.kind)
+        self.spec = spec
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.kind}-compute")
+        self.runtime = StageRuntime(
+            self.kind,
+            [(m.name, m.source) for m in self.config.models],
+            device=spec.device,
+            dtype=spec.dtype,
+            threads=spec.torch_threads,
+            **options,
+        )
+        logger.info("%s replica ready: %s", self.kind, list(self.runtime.stages))
+
+    async def run_compute(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def describe(self) -> dict[str, Any]:
+        """What this replica holds (device, dtype, per-model version, files and torch modules)."""
+        return self.runtime.describe()

@@ -1,0 +1,46 @@
+"""Decoder deployment: VAE decode batched across requests, then PNG / JPEG / WebP encoding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+
+from models.contracts import DecodeParams, EncodedImages, Latents
+from serving.deployments.common import StageReplica
+
+
+@serve.deployment(name="Decoder")
+class DecoderDeployment(StageReplica):
+    kind = "decoder"
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config, tile_above_pixels=config.get("decoder", {}).get("tile_above_pixels", 1024 * 1024))
+        self._batch.set_max_batch_size(self.spec.max_batch_size)
+        self._batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+
+    def _decode_all(self, items: list[tuple[Latents, DecodeParams]]) -> list[EncodedImages | Exception]:
+        by_model: dict[str, list[int]] = {}
+        for i, (latents, _) in enumerate(items):
+            by_model.setdefault(latents.model, []).append(i)
+        results: list[EncodedImages | Exception] = [RuntimeError("not decoded")] * len(items)
+        for model, indices in by_model.items():
+            try:
+                decoded = self.runtime.get(model).decode([items[i] for i in indices])
+                for i, out in zip(indices, decoded, strict=True):
+                    results[i] = out
+            except Exception as exc:
+                for i in indices:
+                    results[i] = exc
+        return results
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _batch(self, items: list[tuple[Latents, DecodeParams]]) -> list[EncodedImages | Exception]:
+        results: list[EncodedImages | Exception] = await self.run_compute(self._decode_all, items)
+        return results
+
+    async def decode(self, latents: Latents, params: DecodeParams) -> EncodedImages:
+        result = await self._batch((latents, params))
+        if isinstance(result, Exception):
+            raise result
+        return result

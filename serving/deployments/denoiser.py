@@ -1,0 +1,33 @@
+"""Denoiser deployment: UNet + scheduler loop with step-level batching across requests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+
+from models.contracts import DenoiseParams, Latents, PromptEmbeddings
+from serving.deployments.common import StageReplica
+
+
+@serve.deployment(name="Denoiser")
+class DenoiserDeployment(StageReplica):
+    kind = "denoiser"
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from models.denoiser import StepBatcher
+
+        super().__init__(config)
+        self.batcher = StepBatcher(self.executor, max_batch_size=self.spec.max_batch_size)
+
+    async def denoise(self, embeddings: PromptEmbeddings, params: DenoiseParams) -> Latents:
+        stage = self.runtime.get(params.model)
+        result: Latents = await self.batcher.submit(stage, params, embeddings)
+        return result
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        info["running_jobs"] = self.batcher.active
+        recent = self.batcher.batch_sizes[-100:]
+        info["recent_batch_sizes"] = {"max": max(recent, default=0), "mean": sum(recent) / max(len(recent), 1)}
+        return info

@@ -1,0 +1,47 @@
+"""TextEncoder deployment: tokenizer + CLIP, request batching across callers, embedding cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+
+from models.contracts import EncodeRequest, PromptEmbeddings
+from serving.deployments.common import StageReplica
+
+
+@serve.deployment(name="TextEncoder")
+class TextEncoderDeployment(StageReplica):
+    kind = "text_encoder"
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        spec = config.get("text_encoder", {})
+        limits = config.get("limits", {})
+        super().__init__(
+            config,
+            max_prompt_tokens=limits.get("max_prompt_tokens", 225),
+            cache_size=spec.get("cache_size", 4096),
+        )
+        self._batch.set_max_batch_size(self.spec.max_batch_size)
+        self._batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+
+    def _encode_all(self, requests: list[EncodeRequest]) -> list[PromptEmbeddings | Exception]:
+        # One bad request (unknown model, prompt too long) must not fail the others in its batch.
+        results: list[PromptEmbeddings | Exception] = []
+        for req in requests:
+            try:
+                results.append(self.runtime.get(req.model).encode([req])[0])
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _batch(self, requests: list[EncodeRequest]) -> list[PromptEmbeddings | Exception]:
+        results: list[PromptEmbeddings | Exception] = await self.run_compute(self._encode_all, requests)
+        return results
+
+    async def encode(self, request: EncodeRequest) -> PromptEmbeddings:
+        result = await self._batch(request)
+        if isinstance(result, Exception):
+            raise result
+        return result

@@ -1,0 +1,85 @@
+"""The embedded default: the same application on a local Ray started in this process, no cluster needed."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+from serving.config import AppConfig, ModelSpec
+from serving.env import SDSERVE_HOME
+
+logger = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def ensure_default_model(config: AppConfig) -> AppConfig:
+    """With no model configured, create (once) and use the tiny test model, and say so."""
+    if config.models:
+        return config
+    from models.testmodels import TEST_MODEL_SIZES, create_test_model
+
+    path = SDSERVE_HOME / "test-models" / "tiny-seed0"
+    if not (path / "model_index.json").exists():
+        create_test_model(path, size="tiny", seed=0)
+    resolution = TEST_MODEL_SIZES["tiny"].default_resolution
+    logger.warning(
+        "no model configured: serving the randomly initialised tiny test model from %s "
+        "(its images are noise-like; configure `models` to serve real weights)",
+        path,
+    )
+    data = config.model_dump()
+    data["models"] = [ModelSpec(name="sdserve-tiny", source=str(path), description="tiny random test model")]
+    data["defaults"]["size"] = f"{resolution}x{resolution}"
+    return AppConfig.model_validate(data)
+
+
+def reserved_cpus(config: AppConfig) -> float:
+    """Logical CPUs the deployments reserve at their maximum replica counts."""
+    sections = (config.ingress, config.text_encoder, config.denoiser, config.decoder)
+    return sum(s.resources.num_cpus * s.autoscaling.max_replicas for s in sections)
+
+
+def start_local(config: AppConfig, host: str | None = None, port: int | None = None) -> str:
+    """Start Ray and Serve in this process and deploy the app; return its base URL once every stage is up.
+
+    Ray's CPU count here is logical: replicas of all stages share the machine's cores, so at least as many
+    logical CPUs as the deployments reserve are advertised.
+    """
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    host = host or config.http.host
+    port = port or config.http.port
+    if not ray.is_initialized():
+        num_cpus = max(os.cpu_count() or 1, int(reserved_cpus(config) + 0.999) + 1)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=False)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://{shown}:{port}"
+
+
+def stop_local() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def output_path(directory: str | Path, suffix: str) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    existing = sorted(directory.glob(f"sdserve-*.{suffix}"))
+    return directory / f"sdserve-{len(existing) + 1:04d}.{suffix}"

@@ -1,0 +1,116 @@
+"""Wire schemas of the REST API: the OpenAI Images API request and response, plus sdserve's extensions.
+
+Static bounds (the ones every deployment shares) live here, once; the service checks the per-deployment
+limits from ``AppConfig.limits`` on top, with the same error shape.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from models.schedulers import SCHEDULERS
+
+MAX_SEED = 2**63 - 1
+
+
+class ImageGenerationRequest(BaseModel):
+    """``POST /v1/images/generations`` (OpenAI Images API, with Stable Diffusion extensions)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="What to draw.")
+    model: str | None = Field(default=None, description="Model name from GET /v1/models; the default model if unset.")
+    n: int = Field(default=1, ge=1, le=8, description="Number of images (1-8).")
+    size: str | None = Field(
+        default=None, description="WIDTHxHEIGHT in pixels, multiples of 8 (e.g. 512x512); the default if unset."
+    )
+    response_format: Literal["b64_json", "url"] = Field(
+        default="b64_json", description="b64_json: the image inline; url: a link to GET /v1/images/{id}."
+    )
+    user: str | None = Field(default=None, max_length=256, description="End-user id, logged for abuse tracing.")
+    # OpenAI fields accepted for compatibility; they do not change the result.
+    quality: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
+    style: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
+    # Stable Diffusion extensions.
+    negative_prompt: str | None = Field(default=None, description="What to steer away from.")
+    steps: int | None = Field(default=None, ge=1, le=150, description="Denoising steps (1-150).")
+    guidance_scale: float | None = Field(default=None, ge=0, le=30, description="Classifier-free guidance (0-30).")
+    seed: int | None = Field(
+        default=None, ge=0, le=MAX_SEED, description="Random seed; the same request and seed give the same image."
+    )
+    scheduler: str | None = Field(default=None, description="Sampler name from GET /v1/schedulers.")
+    output_format: Literal["png", "jpeg", "webp"] | None = Field(default=None, description="Image file format.")
+    output_compression: int | None = Field(
+        default=None, ge=0, le=100, description="JPEG / WebP quality 0-100 (OpenAI's name for it)."
+    )
+
+    @field_validator("size")
+    @classmethod
+    def _size_shape(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = value.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ValueError("size must look like WIDTHxHEIGHT, e.g. 512x512")
+        width, height = (int(p) for p in parts)
+        if width % 8 or height % 8:
+            raise ValueError("width and height must be multiples of 8")
+        return f"{width}x{height}"
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str | None) -> str | None:
+        if value is not None and value not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {value!r}; choose from {', '.join(sorted(SCHEDULERS))}")
+        return value
+
+
+class ImageData(BaseModel):
+    """One generated image."""
+
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+
+
+class ImageGenerationResponse(BaseModel):
+    """OpenAI-compatible response, plus what a Stable Diffusion user needs to reproduce the result."""
+
+    created: int
+    data: list[ImageData]
+    model: str
+    model_version: str
+    seed: int
+    size: str
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    output_format: str
+    timings_ms: dict[str, float]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "sdserve"
+    description: str = ""
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The one error shape every failure uses."""
+
+    error: ErrorDetail

@@ -1,0 +1,178 @@
+"""``GenerationService``: the one place a generation request is checked, run through the stages and answered.
+
+REST routes (and later gRPC) are thin adapters over it. It holds DeploymentHandles to the three stages and
+chains their calls so that tensors go stage to stage through Ray's object store: the ingress passes the
+encoder's response object straight into the denoiser call, and only the encoded image bytes come back here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
+
+from models.contracts import DecodeParams, DenoiseParams, EncodedImages, EncodeRequest
+from models.errors import StageInputError, UnknownModelError
+from serving.config import AppConfig
+from serving.errors import ApiError, invalid
+from serving.schemas import ImageGenerationRequest
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("text_encoder", "denoiser", "decoder")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A request with every default filled in and every limit checked; transport-neutral."""
+
+    model: str
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    num_images: int
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    seed: int
+    output_format: str
+    quality: int | None = None
+    user: str | None = None
+
+
+@dataclass
+class GenerationResult:
+    request: GenerationRequest
+    images: list[bytes]
+    media_type: str
+    model_version: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class GenerationService:
+    """Checks requests against the config, runs them through the stages and maps failures to API errors."""
+
+    def __init__(self, config: AppConfig, text_encoder: Any, denoiser: Any, decoder: Any) -> None:
+        self.config = config
+        self.handles = {"text_encoder": text_encoder, "denoiser": denoiser, "decoder": decoder}
+
+    # -- requests ---------------------------------------------------------------------------------------------
+
+    def prepare(self, req: ImageGenerationRequest) -> GenerationRequest:
+        """Fill defaults from the config and check the config's limits (the schema checked the rest)."""
+        cfg, limits, defaults = self.config, self.config.limits, self.config.defaults
+        model = req.model or cfg.default_model
+        if model is None or cfg.model(model) is None:
+            raise ApiError(404, "model_not_found", f"model {model!r} is not served; see GET /v1/models", "model")
+        width, height = (int(v) for v in (req.size or defaults.size).split("x"))
+        for name, value in (("width", width), ("height", height)):
+            if not limits.min_size <= value <= limits.max_size:
+                raise invalid(f"{name} {value} is outside {limits.min_size}-{limits.max_size}", "size")
+            if value % 8:
+                raise invalid(f"{name} {value} is not a multiple of 8", "size")
+        steps = req.steps if req.steps is not None else defaults.steps
+        if steps > limits.max_steps:
+            raise invalid(f"steps must be at most {limits.max_steps}", "steps")
+        if req.n > limits.max_images:
+            raise invalid(f"n must be at most {limits.max_images}", "n")
+        guidance = req.guidance_scale if req.guidance_scale is not None else defaults.guidance_scale
+        if guidance > limits.max_guidance_scale:
+            raise invalid(f"guidance_scale must be at most {limits.max_guidance_scale}", "guidance_scale")
+        return GenerationRequest(
+            model=model,
+            prompt=req.prompt,
+            negative_prompt=req.negative_prompt,
+            width=width,
+            height=height,
+            num_images=req.n,
+            steps=steps,
+            guidance_scale=guidance,
+            scheduler=req.scheduler or defaults.scheduler,
+            seed=req.seed if req.seed is not None else secrets.randbelow(2**32),
+            output_format=req.output_format or defaults.output_format,
+            quality=req.output_compression,
+            user=req.user,
+        )
+
+    async def generate(self, req: GenerationRequest) -> GenerationResult:
+        """Run one request through the three stages, within the configured deadline."""
+        started = time.perf_counter()
+        encoded = self.handles["text_encoder"].encode.remote(
+            EncodeRequest(req.model, req.prompt, req.negative_prompt, with_negative=req.guidance_scale > 1.0)
+        )
+        params = DenoiseParams(
+            model=req.model,
+            height=req.height,
+            width=req.width,
+            steps=req.steps,
+            guidance_scale=req.guidance_scale,
+            scheduler=req.scheduler,
+            seed=req.seed,
+            num_images=req.num_images,
+        )
+        # Passing the response objects on (not awaited here) keeps tensors out of the ingress.
+        latents = self.handles["denoiser"].denoise.remote(encoded, params)
+        decoded = self.handles["decoder"].decode.remote(latents, DecodeParams(req.output_format, req.quality))
+        timeout = self.config.limits.request_timeout_s
+        try:
+            images: EncodedImages = await asyncio.wait_for(decoded, timeout=timeout)
+        except TimeoutError as exc:
+            for response in (decoded, latents, encoded):
+                response.cancel()
+            raise ApiError(504, "timeout", f"generation did not finish within {timeout:g}s") from exc
+        except BaseException as exc:
+            raise self._map_error(exc) from exc
+        elapsed = (time.perf_counter() - started) * 1000
+        logger.info(
+            "generated model=%s steps=%d size=%dx%d n=%d user=%s in %.0f ms",
+            req.model, req.steps, req.width, req.height, req.num_images, req.user, elapsed,
+        )  # fmt: skip
+        return GenerationResult(
+            request=req,
+            images=images.images,
+            media_type=images.media_type,
+            model_version=images.model_version,
+            timings_ms={"total": round(elapsed, 1)},
+        )
+
+    @staticmethod
+    def _map_error(exc: BaseException) -> BaseException:
+        """Translate stage and Ray failures into API errors; anything else stays a 500."""
+        if isinstance(exc, ApiError):
+            return exc
+        if isinstance(exc, UnknownModelError):
+            return ApiError(404, "model_not_found", exc.message, exc.param)
+        if isinstance(exc, StageInputError):
+            return invalid(exc.message, exc.param)
+        if isinstance(exc, BackPressureError):
+            return ApiError(503, "overloaded", "the service is at capacity; retry shortly", headers={"Retry-After": "2"})
+        if isinstance(exc, RayActorError | ActorDiedError | ActorUnavailableError | DeploymentUnavailableError):
+            return ApiError(503, "stage_unavailable", f"a stage replica is unavailable: {type(exc).__name__}")
+        if isinstance(exc, RequestCancelledError | asyncio.CancelledError):
+            return exc
+        logger.error("generation failed: %r", exc)
+        return exc
+
+    # -- catalog and health -----------------------------------------------------------------------------------
+
+    async def describe_stages(self, timeout_s: float = 5.0) -> dict[str, Any]:
+        """Ask one replica of each stage what it holds; a stage that does not answer in time is not ready."""
+
+        async def one(stage: str) -> dict[str, Any]:
+            try:
+                result: dict[str, Any] = await asyncio.wait_for(
+                    self.handles[stage].describe.remote(), timeout=timeout_s
+                )
+                return {"ready": True, **result}
+            except Exception as exc:  # not loaded yet, or failed to load
+                return {"ready": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+
+        results = await asyncio.gather(*(one(s) for s in STAGES))
+        return dict(zip(STAGES, results, strict=True))
