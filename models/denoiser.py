@@ -253,7 +253,8 @@ class StepBatcher:
             return []
         head = self._running[0]
         key = (id(head.stage), head.job.batch_key())
-        batch, images = [], 0
+        batch: list[_Pending] = []
+        images = 0
         for p in self._running:
             if (id(p.stage), p.job.batch_key()) != key:
                 continue

@@ -168,12 +168,12 @@ def create_test_model(
         pad_token_id=vocab[EOS_TOKEN],
         **spec.text,
     )
-    text_encoder = CLIPTextModel(text_config)
+    text_encoder: Any = CLIPTextModel(text_config)
     text_encoder.to(torch_dtype).save_pretrained(staging / "text_encoder", safe_serialization=True)
 
     latent_size = spec.default_resolution // 8
     torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(
+    unet: Any = UNet2DConditionModel(
         sample_size=latent_size,
         in_channels=4,
         out_channels=4,
@@ -183,7 +183,7 @@ def create_test_model(
     unet.to(torch_dtype).save_pretrained(staging / "unet", safe_serialization=True)
 
     torch.manual_seed(seed + 2)
-    vae = AutoencoderKL(
+    vae: Any = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         latent_channels=4,

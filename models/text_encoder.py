@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from typing import Any, cast
 
 import torch
 
@@ -39,9 +40,13 @@ class TextEncoderStage:
         self.dtype = dtype
         self.max_prompt_tokens = max_prompt_tokens
         self.tokenizer = CLIPTokenizer.from_pretrained(snapshot.component_dir("tokenizer"))
-        self.text_encoder = CLIPTextModel.from_pretrained(
-            snapshot.component_dir("text_encoder"), torch_dtype=dtype, use_safetensors=True
-        ).to(device)
+        self.text_encoder: Any = cast(
+            Any,
+            CLIPTextModel.from_pretrained(
+                snapshot.component_dir("text_encoder"), torch_dtype=dtype, use_safetensors=True
+            ),
+        )
+        self.text_encoder.to(device)
         self.text_encoder.eval()
         self.window = self.tokenizer.model_max_length  # 77 for CLIP
         self.hidden_size = self.text_encoder.config.hidden_size
@@ -116,8 +121,8 @@ class TextEncoderStage:
         for req in requests:
             texts[req.prompt] = self.check_prompt(req.prompt, "prompt")
             if req.with_negative:
-                negative = req.negative_prompt or ""
-                texts[negative] = self.check_prompt(negative, "negative_prompt")
+                negative_text = req.negative_prompt or ""
+                texts[negative_text] = self.check_prompt(negative_text, "negative_prompt")
         embedded = self._encode_texts(texts)
         empty = embedded[""]
         results = []

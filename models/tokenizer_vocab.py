@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -60,12 +61,12 @@ def learn_merges(max_merges: int, min_count: int = 1) -> list[tuple[str, str]]:
     """Learn BPE merges from the built-in corpus, deterministically (ties break lexicographically)."""
     counts = collections.Counter(_words(_CORPUS))
     # Each word is a tuple of symbols; the last one carries CLIP's end-of-word marker.
-    words = {tuple(w[:-1]) + (w[-1] + "</w>",): c for w, c in counts.items()}
+    words = {(*tuple(w[:-1]), w[-1] + "</w>"): c for w, c in counts.items()}
     merges: list[tuple[str, str]] = []
     while len(merges) < max_merges:
         pairs: collections.Counter[tuple[str, str]] = collections.Counter()
         for symbols, count in words.items():
-            for pair in zip(symbols, symbols[1:], strict=False):
+            for pair in itertools.pairwise(symbols):
                 pairs[pair] += count
         if not pairs:
             break

@@ -5,7 +5,7 @@ Pure: it validates the config and returns a bound application; nothing is loaded
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from ray.serve import Application
 
@@ -66,10 +66,18 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         spec: DeploymentSpec = getattr(config, section)
         return deployment_options(DEPLOYMENT_NAMES[section], spec)
 
-    text_encoder = TextEncoderDeployment.options(**opts("text_encoder")).bind(data)
-    denoiser = DenoiserDeployment.options(**opts("denoiser")).bind(data)
-    decoder = DecoderDeployment.options(**opts("decoder")).bind(data)
-    return IngressDeployment.options(**opts("ingress")).bind(data, text_encoder, denoiser, decoder)
+    # serve.deployment returns a Deployment at runtime; the class type seen by mypy lacks .options().
+    stages = {
+        name: cast(Any, cls).options(**opts(name)).bind(data)
+        for name, cls in (
+            ("text_encoder", TextEncoderDeployment),
+            ("denoiser", DenoiserDeployment),
+            ("decoder", DecoderDeployment),
+        )
+    }
+    ingress = cast(Any, IngressDeployment).options(**opts("ingress"))
+    app: Application = ingress.bind(data, stages["text_encoder"], stages["denoiser"], stages["decoder"])
+    return app
 
 
 def render_serve_config(config: AppConfig) -> dict[str, Any]:

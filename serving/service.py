@@ -17,7 +17,7 @@ from typing import Any
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 
-from models.contracts import DecodeParams, DenoiseParams, EncodedImages, EncodeRequest
+from models.contracts import DecodeParams, DenoiseParams, EncodedImages, EncodeRequest, OutputFormat
 from models.errors import StageInputError, UnknownModelError
 from serving.config import AppConfig
 from serving.errors import ApiError, invalid
@@ -42,7 +42,7 @@ class GenerationRequest:
     guidance_scale: float
     scheduler: str
     seed: int
-    output_format: str
+    output_format: OutputFormat
     quality: int | None = None
     user: str | None = None
 
@@ -152,7 +152,9 @@ class GenerationService:
         if isinstance(exc, StageInputError):
             return invalid(exc.message, exc.param)
         if isinstance(exc, BackPressureError):
-            return ApiError(503, "overloaded", "the service is at capacity; retry shortly", headers={"Retry-After": "2"})
+            return ApiError(
+                503, "overloaded", "the service is at capacity; retry shortly", headers={"Retry-After": "2"}
+            )
         if isinstance(exc, RayActorError | ActorDiedError | ActorUnavailableError | DeploymentUnavailableError):
             return ApiError(503, "stage_unavailable", f"a stage replica is unavailable: {type(exc).__name__}")
         if isinstance(exc, RequestCancelledError | asyncio.CancelledError):

@@ -16,8 +16,9 @@ class DecoderDeployment(StageReplica):
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config, tile_above_pixels=config.get("decoder", {}).get("tile_above_pixels", 1024 * 1024))
-        self._batch.set_max_batch_size(self.spec.max_batch_size)
-        self._batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+        batcher: Any = self._batch  # serve.batch adds these setters at runtime
+        batcher.set_max_batch_size(self.spec.max_batch_size)
+        batcher.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
 
     def _decode_all(self, items: list[tuple[Latents, DecodeParams]]) -> list[EncodedImages | Exception]:
         by_model: dict[str, list[int]] = {}

@@ -22,8 +22,9 @@ class TextEncoderDeployment(StageReplica):
             max_prompt_tokens=limits.get("max_prompt_tokens", 225),
             cache_size=spec.get("cache_size", 4096),
         )
-        self._batch.set_max_batch_size(self.spec.max_batch_size)
-        self._batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+        batcher: Any = self._batch  # serve.batch adds these setters at runtime
+        batcher.set_max_batch_size(self.spec.max_batch_size)
+        batcher.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
 
     def _encode_all(self, requests: list[EncodeRequest]) -> list[PromptEmbeddings | Exception]:
         # One bad request (unknown model, prompt too long) must not fail the others in its batch.

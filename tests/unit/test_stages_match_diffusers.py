@@ -71,8 +71,14 @@ def run_reference(pipeline, prompt, negative, params: DenoiseParams) -> np.ndarr
 )
 def test_staged_equals_diffusers(stages, pipeline, scheduler, guidance, num_images, negative) -> None:  # type: ignore[no-untyped-def]
     params = DenoiseParams(
-        model="tiny", height=64, width=64, steps=4, guidance_scale=guidance, scheduler=scheduler,
-        seed=1234, num_images=num_images,
+        model="tiny",
+        height=64,
+        width=64,
+        steps=4,
+        guidance_scale=guidance,
+        scheduler=scheduler,
+        seed=1234,
+        num_images=num_images,
     )
     prompt = "a photo of an astronaut riding a horse on mars"
     staged = run_staged(stages, prompt, negative, params)
@@ -85,7 +91,7 @@ def test_staged_equals_diffusers(stages, pipeline, scheduler, guidance, num_imag
 
 def test_step_batching_matches_single_runs(stages) -> None:  # type: ignore[no-untyped-def]
     """Jobs with different schedulers, step counts and seeds share UNet calls yet give their own results."""
-    encoder, denoiser, decoder = stages
+    encoder, denoiser, _decoder = stages
     specs = [("euler", 3, 1), ("dpmpp_2m", 5, 2), ("euler_a", 4, 3)]
     jobs, singles = [], []
     for sched, steps, seed in specs:
@@ -163,8 +169,9 @@ def test_encoded_formats(stages) -> None:  # type: ignore[no-untyped-def]
 
     decoder = stages[2]
     latents = Latents("tiny", "v", torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), 1)
-    out = decoder.decode([(latents, DecodeParams("png")), (latents, DecodeParams("jpeg", 80)),
-                          (latents, DecodeParams("webp"))])
+    out = decoder.decode(
+        [(latents, DecodeParams("png")), (latents, DecodeParams("jpeg", 80)), (latents, DecodeParams("webp"))]
+    )
     assert out[0].images[0].startswith(b"\x89PNG")
     assert out[1].images[0].startswith(b"\xff\xd8")
     assert out[2].images[0][8:12] == b"WEBP"

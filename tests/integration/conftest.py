@@ -1,0 +1,48 @@
+"""A real local Ray Serve instance running the whole application on the tiny test model, once per session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serving.config import AppConfig
+
+
+@dataclass
+class LiveService:
+    url: str
+    config: AppConfig
+    model_dir: Path
+
+    def client(self, timeout: float = 120.0) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout)
+
+
+def tiny_config(model_dir: Path, outputs: Path, **overrides: object) -> AppConfig:
+    data: dict[str, object] = {
+        "models": [{"name": "tiny", "source": str(model_dir), "description": "tiny random test model"}],
+        "defaults": {"size": "64x64", "steps": 4},
+        "limits": {"max_size": 512, "request_timeout_s": 120},
+        "outputs": {"directory": str(outputs)},
+        "text_encoder": {"torch_threads": 1},
+        "denoiser": {"torch_threads": 2},
+        "decoder": {"torch_threads": 1},
+    }
+    data.update(overrides)
+    return AppConfig.model_validate(data)
+
+
+@pytest.fixture(scope="session")
+def live(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
+    from serving.local import free_port, start_local, stop_local
+
+    config = tiny_config(tiny_model_dir, tmp_path_factory.mktemp("outputs"))
+    url = start_local(config, host="127.0.0.1", port=free_port())
+    try:
+        yield LiveService(url=url, config=config, model_dir=tiny_model_dir)
+    finally:
+        stop_local()
