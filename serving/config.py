@@ -89,7 +89,7 @@ class TextEncoderSpec(StageSpec):
 
     cache_size: int = Field(default=4096, ge=0, description="Embeddings kept in the LRU cache per model.")
     resources: ResourceSpec = Field(
-        default_factory=lambda: ResourceSpec(num_cpus=0.5), description="Per-replica Ray resources."
+        default_factory=lambda: ResourceSpec(num_cpus=0.25), description="Per-replica Ray resources."
     )
 
 
@@ -104,7 +104,7 @@ class DecoderSpec(StageSpec):
         default=1024 * 1024, ge=64 * 64, description="Images with more pixels than this are VAE-decoded in tiles."
     )
     resources: ResourceSpec = Field(
-        default_factory=lambda: ResourceSpec(num_cpus=0.5), description="Per-replica Ray resources."
+        default_factory=lambda: ResourceSpec(num_cpus=0.25), description="Per-replica Ray resources."
     )
 
 

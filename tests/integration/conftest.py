@@ -38,9 +38,13 @@ def tiny_config(model_dir: Path, outputs: Path, **overrides: object) -> AppConfi
 
 @pytest.fixture(scope="session")
 def live(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
+    import ray
+
     from serving.local import free_port, start_local, stop_local
 
     config = tiny_config(tiny_model_dir, tmp_path_factory.mktemp("outputs"))
+    # Logical CPUs: room for this app and the second one some tests deploy beside it.
+    ray.init(num_cpus=16, include_dashboard=False, configure_logging=False)
     url = start_local(config, host="127.0.0.1", port=free_port())
     try:
         yield LiveService(url=url, config=config, model_dir=tiny_model_dir)

@@ -1,0 +1,64 @@
+"""A request past its deadline gets a 504 in the error shape, and its denoising work is cancelled."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.conftest import LiveService, tiny_config
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def short_deadline_app(live: LiveService, tmp_path: Path) -> Iterator[str]:
+    """A second application in the same Serve instance, with a 1-second request deadline."""
+    from ray import serve
+
+    from serving.app import build_app
+
+    config = tiny_config(
+        live.model_dir,
+        tmp_path,
+        app_name="deadline",
+        route_prefix="/deadline",
+        limits={"max_size": 512, "request_timeout_s": 1.0},
+    )
+    serve.run(build_app(config), name="deadline", route_prefix="/deadline", blocking=False)
+    try:
+        yield f"{live.url}/deadline"
+    finally:
+        serve.delete("deadline")
+
+
+@pytest.fixture(scope="module")
+def tmp_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("deadline")
+
+
+def test_past_deadline_is_504_and_work_is_cancelled(short_deadline_app: str) -> None:
+    slow = {"prompt": "a slow one", "size": "512x512", "steps": 150, "n": 4}
+    started = time.monotonic()
+    response = httpx.post(f"{short_deadline_app}/v1/images/generations", json=slow, timeout=60)
+    waited = time.monotonic() - started
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["code"] == "timeout"
+    assert waited < 30  # answered at the deadline, not after the work would have finished
+
+    # The denoiser drops the cancelled job at its next step, freeing the slot.
+    deadline = time.monotonic() + 60
+    running = None
+    while time.monotonic() < deadline:
+        stages = httpx.get(f"{short_deadline_app}/readyz", timeout=30).json()["stages"]
+        running = stages["denoiser"]["running_jobs"]
+        if running == 0:
+            break
+        time.sleep(0.5)
+    assert running == 0
+
+    quick = httpx.post(f"{short_deadline_app}/v1/images/generations", json={"prompt": "quick", "steps": 1}, timeout=60)
+    assert quick.status_code == 200, quick.text
