@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 lint: venv
-	$(BIN)/ruff check serving models tests benchmarks
-	$(BIN)/ruff format --check serving models tests benchmarks
+	$(BIN)/ruff check serving models tests
+	$(BIN)/ruff format --check serving models tests
 
 typecheck: venv
 	$(BIN)/mypy

@@ -89,6 +89,15 @@ def cmd_config_defaults(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from serving.config import config_reference
+
+    lines = ["| setting | default | description |", "|---|---|---|"]
+    lines += [f"| `{key}` | {default} | {text} |" for key, default, text in config_reference()]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
 def cmd_config_schema(args: argparse.Namespace) -> int:
     sys.stdout.write(json.dumps(AppConfig.model_json_schema(), indent=2) + "\n")
     return 0
@@ -136,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_config_defaults
     )
     config_sub.add_parser("schema", help="print the JSON schema of AppConfig").set_defaults(func=cmd_config_schema)
+    config_sub.add_parser("reference", help="print the settings table (Markdown)").set_defaults(
+        func=cmd_config_reference
+    )
 
     models = sub.add_parser("models", help="model utilities")
     models_sub = models.add_subparsers(dest="models_command", required=True)

@@ -199,3 +199,17 @@ class AppConfig(_Strict):
     def to_args(self) -> dict[str, Any]:
         """The JSON-safe dict passed as `args` to `serving.app:build_app`."""
         return self.model_dump(mode="json")
+
+
+def config_reference(instance: BaseModel | None = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every leaf setting, for the README's configuration table."""
+    instance = instance if instance is not None else AppConfig()
+    rows: list[tuple[str, str, str]] = []
+    for name, field in type(instance).model_fields.items():
+        key = f"{prefix}{name}"
+        value = getattr(instance, name)
+        if isinstance(value, BaseModel):
+            rows.extend(config_reference(value, f"{key}."))
+        else:
+            rows.append((key, "unset" if value is None else f"`{value}`", field.description or ""))
+    return rows
