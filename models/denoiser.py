@@ -276,7 +276,7 @@ class StepBatcher:
                 continue
             stage = batch[0].stage
             try:
-                await loop.run_in_executor(self.executor, stage.step, [p.job for p in batch])
+                finished = await loop.run_in_executor(self.executor, self._advance, stage, [p.job for p in batch])
             except Exception as exc:  # a failed step fails the jobs in it, not the loop
                 logger.exception("denoising step failed for %d job(s)", len(batch))
                 for p in batch:
@@ -288,5 +288,13 @@ class StepBatcher:
             stepped = set(map(id, batch))
             self._running = [p for p in self._running if id(p) not in stepped] + batch
             for p in batch:
-                if p.job.done and not p.future.done():
-                    p.future.set_result(stage.result(p.job))
+                result = finished.get(id(p.job))
+                if result is not None and not p.future.done():
+                    p.future.set_result(result)
+
+    @staticmethod
+    def _advance(stage: DenoiserStage, jobs: list[DenoiseJob]) -> dict[int, Latents]:
+        """One step for ``jobs``, then the results of those that finished (device-to-host copies included,
+        so the event loop never waits on the GPU)."""
+        stage.step(jobs)
+        return {id(job): stage.result(job) for job in jobs if job.done}
