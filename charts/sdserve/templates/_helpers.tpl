@@ -1,0 +1,211 @@
+{{/* Chart name. */}}
+{{- define "sdserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: release-chart, shortened to leave room for KubeRay's suffixes. */}}
+{{- define "sdserve.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "sdserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "sdserve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "sdserve.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "sdserve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "sdserve.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default (printf "%s-gpu" .Chart.AppVersion) .Values.image.tag) }}
+{{- end }}
+
+{{- define "sdserve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "sdserve.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Custom Ray resource a worker group advertises and its stage asks for. */}}
+{{- define "sdserve.groupResource" -}}
+{{- printf "sdserve_%s" . }}
+{{- end }}
+
+{{/*
+The sdserve AppConfig the chart deploys: the user's `config`, plus each stage pinned to its worker group
+(and the ingress to the head) through custom Ray resources, and the HTTP proxy on 0.0.0.0:8000.
+*/}}
+{{- define "sdserve.appConfig" -}}
+{{- $pins := dict
+  "http" (dict "host" "0.0.0.0" "port" (int .Values.service.httpPort))
+  "ingress" (dict "resources" (dict "resources" (dict "sdserve_head" 1)))
+  "outputs" (dict "directory" "/tmp/sdserve/outputs")
+}}
+{{- /* A stage whose group is disabled is not pinned: it runs wherever its resources fit. */}}
+{{- range $stage, $group := dict "text_encoder" "encoder" "denoiser" "denoiser" "decoder" "decoder" }}
+{{- if (index $.Values.workerGroups $group).enabled }}
+{{- $_ := set $pins $stage (dict "resources" (dict "resources" (dict (include "sdserve.groupResource" $group) 1))) }}
+{{- end }}
+{{- end }}
+{{- $config := mustMergeOverwrite (deepCopy .Values.config) $pins }}
+{{- toYaml $config }}
+{{- end }}
+
+{{/* The Ray Serve config: the same structure `sdserve render-serve-config` writes. */}}
+{{- define "sdserve.serveConfig" -}}
+{{- $config := include "sdserve.appConfig" . | fromYaml }}
+{{- $app := dict
+  "name" (default "sdserve" $config.app_name)
+  "route_prefix" (default "/" $config.route_prefix)
+  "import_path" "serving.app:build_app"
+  "args" $config
+}}
+{{- $serve := dict
+  "proxy_location" "EveryNode"
+  "http_options" (dict "host" "0.0.0.0" "port" (int .Values.service.httpPort))
+  "applications" (list $app)
+}}
+{{- toYaml $serve }}
+{{- end }}
+
+{{/* Environment of every Ray container: cache paths, and secrets by reference only. */}}
+{{- define "sdserve.env" -}}
+- name: HOME
+  value: /tmp/home
+- name: SDSERVE_HOME
+  value: {{ .Values.modelCache.mountPath | quote }}
+- name: HF_HOME
+  value: {{ printf "%s/hf" .Values.modelCache.mountPath | quote }}
+{{- with .Values.secrets.huggingface.existingSecret }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.secrets.huggingface.tokenKey }}
+{{- end }}
+{{- with .Values.secrets.s3.existingSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef: {name: {{ . }}, key: AWS_ACCESS_KEY_ID}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef: {name: {{ . }}, key: AWS_SECRET_ACCESS_KEY}
+{{- end }}
+{{- with .Values.secrets.apiKeys.existingSecret }}
+- name: SDSERVE_API_KEYS
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.secrets.apiKeys.key }}
+{{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Writable volumes of a read-only root filesystem: /tmp (Ray's /tmp/ray), /dev/shm, the model cache. */}}
+{{- define "sdserve.volumes" -}}
+- name: tmp
+  emptyDir: {}
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .Values.shmSize }}
+- name: model-cache
+{{- if eq .Values.modelCache.type "pvc" }}
+  persistentVolumeClaim:
+    claimName: {{ default (printf "%s-model-cache" (include "sdserve.fullname" .)) .Values.modelCache.existingClaim }}
+{{- else }}
+  emptyDir:
+    sizeLimit: {{ .Values.modelCache.size }}
+{{- end }}
+{{- end }}
+
+{{- define "sdserve.volumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: dshm
+  mountPath: /dev/shm
+- name: model-cache
+  mountPath: {{ .Values.modelCache.mountPath }}
+{{- end }}
+
+{{/*
+A Ray pod template. Arguments: dict with "root" (the chart context), "component" (head / worker-<group>),
+"container" (container name), "resources", "gpus", "ports", "nodeSelector", "tolerations", "affinity",
+"podLabels", "podAnnotations".
+*/}}
+{{- define "sdserve.podTemplate" -}}
+{{- $root := .root -}}
+metadata:
+  labels:
+    {{- include "sdserve.selectorLabels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}
+    {{- with .podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with .podAnnotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  serviceAccountName: {{ include "sdserve.serviceAccountName" $root }}
+  automountServiceAccountToken: false
+  securityContext:
+    {{- toYaml $root.Values.podSecurityContext | nindent 4 }}
+  {{- with $root.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- range . }}
+    - name: {{ . }}
+    {{- end }}
+  {{- end }}
+  containers:
+    - name: {{ .container }}
+      image: {{ include "sdserve.image" $root }}
+      imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      securityContext:
+        {{- toYaml $root.Values.containerSecurityContext | nindent 8 }}
+      resources:
+        requests:
+          {{- toYaml .resources.requests | nindent 10 }}
+        limits:
+          {{- toYaml .resources.limits | nindent 10 }}
+          {{- if gt (int .gpus) 0 }}
+          nvidia.com/gpu: {{ .gpus }}
+          {{- end }}
+      env:
+        {{- include "sdserve.env" $root | nindent 8 }}
+      ports:
+        {{- toYaml .ports | nindent 8 }}
+      volumeMounts:
+        {{- include "sdserve.volumeMounts" $root | nindent 8 }}
+  volumes:
+    {{- include "sdserve.volumes" $root | nindent 4 }}
+  {{- with .nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}

@@ -1,0 +1,59 @@
+"""The chart's own serveConfigV2 serves: extracted from the rendered RayService and run on a local Ray Serve
+whose node advertises what the cluster's nodes would (fake GPUs and each group's custom resource)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from PIL import Image
+
+from serving.local import free_port
+from tests.chart.helpers import CHART, render
+from tests.serve_process import serve_run
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_rendered_serve_config_generates_an_image(tiny_model_dir: Path, tmp_path: Path) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {"config": {"models": [{"name": "tiny", "source": str(tiny_model_dir)}], "defaults": {"steps": 3}}}
+        )
+    )
+    # Default (GPU) values: every stage asks for GPUs and its group's resource.
+    docs = render([values])
+    (service,) = [d for d in docs if d["kind"] == "RayService"]
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    port = free_port()
+    serve_config["http_options"]["port"] = port  # the only change: a free port instead of 8000
+    config_file = tmp_path / "serve.yaml"
+    config_file.write_text(yaml.safe_dump(serve_config))
+
+    cluster = service["spec"]["rayClusterConfig"]
+    advertised: dict[str, float] = {"CPU": 16, "GPU": 4}
+    for params in [cluster["headGroupSpec"]["rayStartParams"]] + [
+        g["rayStartParams"] for g in cluster["workerGroupSpecs"]
+    ]:
+        advertised.update(json.loads(json.loads(params["resources"])))
+    # RAY_OVERRIDE_RESOURCES makes the local node advertise fake GPUs and the groups' custom resources.
+    with serve_run(config_file, port, {"RAY_OVERRIDE_RESOURCES": json.dumps(advertised)}) as url:
+        ready = httpx.get(f"{url}/readyz", timeout=30).json()
+        assert {s: ready["stages"][s]["ready"] for s in ready["stages"]} == {
+            "text_encoder": True,
+            "denoiser": True,
+            "decoder": True,
+        }
+        response = httpx.post(
+            f"{url}/v1/images/generations", json={"prompt": "a lighthouse", "size": "64x64"}, timeout=120
+        )
+        assert response.status_code == 200, response.text
+        image = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
+        assert image.size == (64, 64)
+    assert CHART.is_dir()
