@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv tools test lint typecheck unit demo serve bench clean
+.PHONY: venv tools test lint typecheck unit demo serve k8s bench clean
 
 venv: $(STAMP)
 
@@ -35,8 +35,8 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 lint: venv
-	$(BIN)/ruff check serving models tests
-	$(BIN)/ruff format --check serving models tests
+	$(BIN)/ruff check serving models tests k8s
+	$(BIN)/ruff format --check serving models tests k8s
 
 typecheck: venv
 	$(BIN)/mypy
@@ -52,6 +52,10 @@ demo: venv
 
 serve: venv
 	$(BIN)/sdserve serve
+
+# Regenerate k8s/ (kustomize base and overlay patches) from the Helm chart.
+k8s: tools
+	$(BIN)/python k8s/generate.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache
