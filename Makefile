@@ -35,8 +35,8 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 lint: venv
-	$(BIN)/ruff check serving models tests k8s
-	$(BIN)/ruff format --check serving models tests k8s
+	$(BIN)/ruff check serving models tests k8s benchmarks
+	$(BIN)/ruff format --check serving models tests k8s benchmarks
 
 typecheck: venv
 	$(BIN)/mypy

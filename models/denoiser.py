@@ -221,9 +221,15 @@ class StepBatcher:
     to the back of the line. New requests join at the next step; finished or cancelled ones leave.
     """
 
-    def __init__(self, executor: Executor, max_batch_size: int = 8) -> None:
+    def __init__(
+        self,
+        executor: Executor,
+        max_batch_size: int = 8,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> None:
         self.executor = executor
         self.max_batch_size = max_batch_size
+        self.on_step = on_step  # (images in this UNet call, running jobs left out of it)
         self._running: list[_Pending] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -285,6 +291,8 @@ class StepBatcher:
                 continue
             self.batch_sizes.append(sum(p.job.latents.shape[0] for p in batch))
             del self.batch_sizes[:-1000]
+            if self.on_step is not None:
+                self.on_step(self.batch_sizes[-1], len(self._running) - len(batch))
             stepped = set(map(id, batch))
             self._running = [p for p in self._running if id(p) not in stepped] + batch
             for p in batch:

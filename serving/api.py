@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 
 from models.schedulers import SCHEDULERS
 from serving.errors import ApiError, install_error_handlers
+from serving.metrics import ApiMetrics
 from serving.outputs import OutputStore
 from serving.schemas import (
     ErrorResponse,
@@ -34,15 +36,25 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_api(service: GenerationService, outputs: OutputStore) -> FastAPI:
-    """Build the FastAPI app for one ingress replica."""
+def create_api(service: GenerationService, outputs: OutputStore, metrics: ApiMetrics | None = None) -> FastAPI:
+    """Build the FastAPI app for one ingress replica (``metrics`` None: record none, e.g. outside Ray)."""
     app = FastAPI(
         title="sdserve",
         version="0.1.0",
         description="Stable Diffusion serving: OpenAI Images API compatible text-to-image.",
     )
-    install_error_handlers(app)
+    install_error_handlers(app, on_error=metrics.observe_error if metrics else None)
     config = service.config
+
+    if metrics is not None:
+
+        @app.middleware("http")
+        async def record(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+            started = time.perf_counter()
+            response = await call_next(request)
+            route = getattr(request.scope.get("route"), "path", "unmatched")
+            metrics.observe_request(route, response.status_code, time.perf_counter() - started)
+            return response
 
     @app.post("/v1/images/generations", response_model=ImageGenerationResponse, responses=_ERRORS)
     async def generate(body: ImageGenerationRequest, request: Request) -> JSONResponse:
@@ -66,6 +78,8 @@ def create_api(service: GenerationService, outputs: OutputStore) -> FastAPI:
             output_format=req.output_format,
             timings_ms=result.timings_ms,
         )
+        if metrics is not None:
+            metrics.observe_images(req.model, len(result.images))
         headers = {"x-sdserve-model-version": result.model_version, "x-sdserve-seed": str(req.seed)}
         return JSONResponse(response.model_dump(mode="json", exclude_none=True), headers=headers)
 
@@ -88,6 +102,11 @@ def create_api(service: GenerationService, outputs: OutputStore) -> FastAPI:
             "default": config.defaults.scheduler,
             "data": [{"id": name, "label": spec.label} for name, spec in SCHEDULERS.items()],
         }
+
+    @app.get("/v1/status")
+    async def status() -> dict[str, Any]:
+        """Running replicas per deployment (for dashboards and the load generator)."""
+        return {"application": config.app_name, "replicas": await service.replica_counts()}
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

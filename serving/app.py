@@ -46,6 +46,7 @@ def deployment_options(name: str, spec: DeploymentSpec) -> dict[str, Any]:
             "target_ongoing_requests": scale.target_ongoing_requests,
             "upscale_delay_s": scale.upscale_delay_s,
             "downscale_delay_s": scale.downscale_delay_s,
+            "look_back_period_s": scale.look_back_period_s,
         }
     return options
 

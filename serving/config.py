@@ -40,6 +40,7 @@ class AutoscalingSpec(_Strict):
     )
     upscale_delay_s: float = Field(default=10.0, ge=0, description="Seconds load must stay high before adding.")
     downscale_delay_s: float = Field(default=120.0, ge=0, description="Seconds load must stay low before removing.")
+    look_back_period_s: float = Field(default=30.0, gt=0, description="Window the load is averaged over.")
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSpec:
@@ -129,6 +130,10 @@ class LimitsSpec(_Strict):
     )
     max_guidance_scale: float = Field(default=30.0, ge=0, description="Largest guidance_scale.")
     request_timeout_s: float = Field(default=300.0, gt=0, description="Seconds before a request fails with 504.")
+    replica_loss_retries: int = Field(
+        default=2, ge=0, le=10, description="Times a request is re-run when a stage replica dies under it."
+    )
+    retry_after_s: int = Field(default=2, ge=1, description="Retry-After seconds sent with 503 when queues are full.")
 
 
 class DefaultsSpec(_Strict):

@@ -7,6 +7,7 @@ parser. ``ApiError`` carries the HTTP status; the gRPC adapter maps the same cod
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,15 +45,20 @@ def error_body(code: str, message: str, param: str | None = None) -> dict[str, A
     return {"error": {"code": code, "message": message, "param": param}}
 
 
-def error_response(err: ApiError) -> JSONResponse:
+def _respond(err: ApiError) -> JSONResponse:
     return JSONResponse(error_body(err.code, err.message, err.param), status_code=err.status, headers=err.headers)
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Route every kind of failure through the one error shape."""
+def install_error_handlers(app: FastAPI, on_error: Callable[[str], None] | None = None) -> None:
+    """Route every kind of failure through the one error shape; ``on_error`` sees each error code."""
+
+    def error_response(err: ApiError) -> JSONResponse:
+        if on_error is not None:
+            on_error(err.code)
+        return _respond(err)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 
 from models.contracts import DecodeParams, DenoiseParams, EncodedImages, EncodeRequest, OutputFormat
@@ -102,8 +102,47 @@ class GenerationService:
         )
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
-        """Run one request through the three stages, within the configured deadline."""
+        """Run one request through the three stages within the configured deadline.
+
+        Stage calls are pure functions of their inputs, so when a stage replica dies under the request the
+        chain is issued again (up to ``limits.replica_loss_retries`` times) and lands on live replicas; the
+        encoder's cache makes the re-run of the text stage free.
+        """
         started = time.perf_counter()
+        limits = self.config.limits
+        attempts = 0
+        while True:
+            attempts += 1
+            remaining = limits.request_timeout_s - (time.perf_counter() - started)
+            try:
+                images = await self._run_chain(req, max(remaining, 0.0))
+                break
+            except BaseException as exc:
+                if _is_replica_loss(exc) and attempts <= limits.replica_loss_retries:
+                    logger.warning("a stage replica died under a request (attempt %d); re-running it", attempts)
+                    continue
+                if _is_replica_loss(exc):
+                    raise ApiError(
+                        503,
+                        "stage_unavailable",
+                        f"stage replicas kept failing ({attempts} attempts); retry shortly",
+                        headers={"Retry-After": str(limits.retry_after_s)},
+                    ) from exc
+                raise self._map_error(exc) from exc
+        elapsed = (time.perf_counter() - started) * 1000
+        logger.info(
+            "generated model=%s steps=%d size=%dx%d n=%d user=%s in %.0f ms (attempts %d)",
+            req.model, req.steps, req.width, req.height, req.num_images, req.user, elapsed, attempts,
+        )  # fmt: skip
+        return GenerationResult(
+            request=req,
+            images=images.images,
+            media_type=images.media_type,
+            model_version=images.model_version,
+            timings_ms={"total": round(elapsed, 1)},
+        )
+
+    async def _run_chain(self, req: GenerationRequest, timeout: float) -> EncodedImages:
         encoded = self.handles["text_encoder"].encode.remote(
             EncodeRequest(req.model, req.prompt, req.negative_prompt, with_negative=req.guidance_scale > 1.0)
         )
@@ -120,30 +159,17 @@ class GenerationService:
         # Passing the response objects on (not awaited here) keeps tensors out of the ingress.
         latents = self.handles["denoiser"].denoise.remote(encoded, params)
         decoded = self.handles["decoder"].decode.remote(latents, DecodeParams(req.output_format, req.quality))
-        timeout = self.config.limits.request_timeout_s
         try:
             images: EncodedImages = await asyncio.wait_for(decoded, timeout=timeout)
         except TimeoutError as exc:
             for response in (decoded, latents, encoded):
                 response.cancel()
-            raise ApiError(504, "timeout", f"generation did not finish within {timeout:g}s") from exc
-        except BaseException as exc:
-            raise self._map_error(exc) from exc
-        elapsed = (time.perf_counter() - started) * 1000
-        logger.info(
-            "generated model=%s steps=%d size=%dx%d n=%d user=%s in %.0f ms",
-            req.model, req.steps, req.width, req.height, req.num_images, req.user, elapsed,
-        )  # fmt: skip
-        return GenerationResult(
-            request=req,
-            images=images.images,
-            media_type=images.media_type,
-            model_version=images.model_version,
-            timings_ms={"total": round(elapsed, 1)},
-        )
+            raise ApiError(
+                504, "timeout", f"generation did not finish within {self.config.limits.request_timeout_s:g}s"
+            ) from exc
+        return images
 
-    @staticmethod
-    def _map_error(exc: BaseException) -> BaseException:
+    def _map_error(self, exc: BaseException) -> BaseException:
         """Translate stage and Ray failures into API errors; anything else stays a 500."""
         if isinstance(exc, ApiError):
             return exc
@@ -153,7 +179,10 @@ class GenerationService:
             return invalid(exc.message, exc.param)
         if isinstance(exc, BackPressureError):
             return ApiError(
-                503, "overloaded", "the service is at capacity; retry shortly", headers={"Retry-After": "2"}
+                503,
+                "overloaded",
+                "the service is at capacity; retry shortly",
+                headers={"Retry-After": str(self.config.limits.retry_after_s)},
             )
         if isinstance(exc, RayActorError | ActorDiedError | ActorUnavailableError | DeploymentUnavailableError):
             return ApiError(503, "stage_unavailable", f"a stage replica is unavailable: {type(exc).__name__}")
@@ -178,3 +207,33 @@ class GenerationService:
 
         results = await asyncio.gather(*(one(s) for s in STAGES))
         return dict(zip(STAGES, results, strict=True))
+
+    async def replica_counts(self) -> dict[str, int]:
+        """Running replicas per deployment of this application, from the Serve controller."""
+        from ray import serve
+
+        status = await asyncio.to_thread(serve.status)
+        app = status.applications.get(self.config.app_name)
+        if app is None:
+            return {}
+        return {
+            name: sum(n for state, n in d.replica_states.items() if state == "RUNNING")
+            for name, d in app.deployments.items()
+        }
+
+
+_REPLICA_LOSS = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+def _is_replica_loss(exc: BaseException) -> bool:
+    """Did the request fail because a replica process died (anywhere along the chain)?"""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, _REPLICA_LOSS):
+            return True
+        if isinstance(current, RayTaskError) and isinstance(current.cause, _REPLICA_LOSS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False

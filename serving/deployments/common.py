@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from serving.config import AppConfig, StageSpec
+from serving.metrics import StageMetrics
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,10 +38,29 @@ class StageReplica:
             threads=spec.torch_threads,
             **options,
         )
+        self.metrics = StageMetrics(self.kind)
+        self._waiting = 0  # requests in this replica not yet handed to the compute thread
         logger.info("%s replica ready: %s", self.kind, list(self.runtime.stages))
 
     async def run_compute(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def run_batch(self, fn: Any, items: list[Any]) -> Any:
+        """Run a ``@serve.batch`` batch on the compute thread, recording its size and the queue left behind."""
+        self._waiting -= len(items)
+        self.metrics.set_queue_depth(max(self._waiting, 0))
+        self.metrics.observe_batch(len(items))
+        return await self.run_compute(fn, items)
+
+    async def submit_to_batch(self, batch_method: Any, item: Any) -> Any:
+        """Hand one request to a ``@serve.batch`` method; a per-request failure comes back as an exception."""
+        with self.metrics.request():
+            self._waiting += 1
+            self.metrics.set_queue_depth(self._waiting)
+            result = await batch_method(item)
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def describe(self) -> dict[str, Any]:
         """What this replica holds (device, dtype, per-model version, files and torch modules)."""

@@ -37,11 +37,9 @@ class DecoderDeployment(StageReplica):
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _batch(self, items: list[tuple[Latents, DecodeParams]]) -> list[EncodedImages | Exception]:
-        results: list[EncodedImages | Exception] = await self.run_compute(self._decode_all, items)
+        results: list[EncodedImages | Exception] = await self.run_batch(self._decode_all, items)
         return results
 
     async def decode(self, latents: Latents, params: DecodeParams) -> EncodedImages:
-        result = await self._batch((latents, params))
-        if isinstance(result, Exception):
-            raise result
+        result: EncodedImages = await self.submit_to_batch(self._batch, (latents, params))
         return result

@@ -18,11 +18,16 @@ class DenoiserDeployment(StageReplica):
         from models.denoiser import StepBatcher
 
         super().__init__(config)
-        self.batcher = StepBatcher(self.executor, max_batch_size=self.spec.max_batch_size)
+        self.batcher = StepBatcher(self.executor, max_batch_size=self.spec.max_batch_size, on_step=self._record_step)
+
+    def _record_step(self, images: int, waiting: int) -> None:
+        self.metrics.observe_batch(images)
+        self.metrics.set_queue_depth(waiting)
 
     async def denoise(self, embeddings: PromptEmbeddings, params: DenoiseParams) -> Latents:
         stage = self.runtime.get(params.model)
-        result: Latents = await self.batcher.submit(stage, params, embeddings)
+        with self.metrics.request():
+            result: Latents = await self.batcher.submit(stage, params, embeddings)
         return result
 
     def describe(self) -> dict[str, Any]:

@@ -30,4 +30,6 @@ class IngressDeployment:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Called by Serve after __init__: routes close over this replica's service.
-        return create_api(self.service, self.outputs)
+        from serving.metrics import api_metrics
+
+        return create_api(self.service, self.outputs, api_metrics())

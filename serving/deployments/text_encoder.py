@@ -38,11 +38,9 @@ class TextEncoderDeployment(StageReplica):
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _batch(self, requests: list[EncodeRequest]) -> list[PromptEmbeddings | Exception]:
-        results: list[PromptEmbeddings | Exception] = await self.run_compute(self._encode_all, requests)
+        results: list[PromptEmbeddings | Exception] = await self.run_batch(self._encode_all, requests)
         return results
 
     async def encode(self, request: EncodeRequest) -> PromptEmbeddings:
-        result = await self._batch(request)
-        if isinstance(result, Exception):
-            raise result
+        result: PromptEmbeddings = await self.submit_to_batch(self._batch, request)
         return result

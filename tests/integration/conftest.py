@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ class LiveService:
     url: str
     config: AppConfig
     model_dir: Path
+    metrics_url: str
 
     def client(self, timeout: float = 120.0) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout)
@@ -43,10 +46,33 @@ def live(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     from serving.local import free_port, start_local, stop_local
 
     config = tiny_config(tiny_model_dir, tmp_path_factory.mktemp("outputs"))
-    # Logical CPUs: room for this app and the second one some tests deploy beside it.
-    ray.init(num_cpus=16, include_dashboard=False, configure_logging=False)
+    # Autoscaling decisions in seconds rather than tens of seconds (Serve reads these at start).
+    os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    metrics_port = free_port()
+    # Logical CPUs and fake GPUs: room for this app and the ones some tests deploy beside it.
+    ray.init(
+        num_cpus=16, num_gpus=4, include_dashboard=False, configure_logging=False, _metrics_export_port=metrics_port
+    )
     url = start_local(config, host="127.0.0.1", port=free_port())
     try:
-        yield LiveService(url=url, config=config, model_dir=tiny_model_dir)
+        yield LiveService(
+            url=url, config=config, model_dir=tiny_model_dir, metrics_url=f"http://127.0.0.1:{metrics_port}/metrics"
+        )
     finally:
         stop_local()
+
+
+@contextmanager
+def extra_app(live: LiveService, name: str, outputs: Path, **overrides: object) -> Iterator[str]:
+    """Deploy another application (own deployments, own settings) beside the live one; yield its URL."""
+    from ray import serve
+
+    from serving.app import build_app
+
+    config = tiny_config(live.model_dir, outputs, app_name=name, route_prefix=f"/{name}", **overrides)
+    serve.run(build_app(config), name=name, route_prefix=f"/{name}", blocking=False)
+    try:
+        yield f"{live.url}/{name}"
+    finally:
+        serve.delete(name)

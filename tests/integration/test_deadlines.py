@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import LiveService, tiny_config
+from tests.integration.conftest import LiveService, extra_app
 
 pytestmark = pytest.mark.integration
 
@@ -17,22 +17,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def short_deadline_app(live: LiveService, tmp_path: Path) -> Iterator[str]:
     """A second application in the same Serve instance, with a 1-second request deadline."""
-    from ray import serve
-
-    from serving.app import build_app
-
-    config = tiny_config(
-        live.model_dir,
-        tmp_path,
-        app_name="deadline",
-        route_prefix="/deadline",
-        limits={"max_size": 512, "request_timeout_s": 1.0},
-    )
-    serve.run(build_app(config), name="deadline", route_prefix="/deadline", blocking=False)
-    try:
-        yield f"{live.url}/deadline"
-    finally:
-        serve.delete("deadline")
+    with extra_app(live, "deadline", tmp_path, limits={"max_size": 512, "request_timeout_s": 1.0}) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
