@@ -197,13 +197,17 @@ def plot(result: RunResult, path: Path, title: str = "") -> None:
     if result.replicas:
         ax2 = ax.twinx()
         names = sorted({n for r in result.replicas for n in r["replicas"]})
-        for name in names:
+        # Deployments whose count never changed would only hide each other's flat lines.
+        changing = [n for n in names if len({r["replicas"].get(n, 0) for r in result.replicas}) > 1]
+        for name in changing or names:
             xs = [r["t"] for r in result.replicas]
             ys = [r["replicas"].get(name, 0) for r in result.replicas]
             ax2.step(xs, ys, where="post", label=f"{name} replicas", linewidth=1.5)
         ax2.set_ylabel("running replicas")
         ax2.set_ylim(bottom=0, top=max(max(r["replicas"].values(), default=1) for r in result.replicas) + 1)
         ax2.legend(loc="upper right", fontsize=8)
+    sending = max((s.sent_s for s in result.samples), default=0.0)
+    ax.axvspan(0, sending, color="0.9", zorder=0, label="sending")
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title(title or f"{result.mode} loop: {len(result.samples)} requests")
     fig.tight_layout()

@@ -19,6 +19,7 @@ from serving.config import AppConfig
 from serving.local import ensure_default_model, free_port, start_local, stop_local
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
+RATE, SECONDS, STEPS = 4.0, 25, 50
 
 
 def main() -> int:
@@ -50,11 +51,15 @@ def main() -> int:
     url = start_local(config, host="127.0.0.1", port=free_port())
     try:
         result = asyncio.run(
-            run_load(url, mode="open", rate=4.0, duration_s=20, mix=parse_mix(["steps=40:1"]), observe_after_s=25)
+            run_load(
+                url, mode="open", rate=RATE, duration_s=SECONDS, mix=parse_mix([f"steps={STEPS}:1"]), observe_after_s=30
+            )
         )
     finally:
         stop_local()
-    summary = write(result, DOCS, "scaling-burst", "Poisson burst (4 req/s for 20 s): denoiser scales 1 -> 3 and back")
+    peak = max((r["replicas"].get("Denoiser", 0) for r in result.replicas), default=0)
+    title = f"Poisson burst ({RATE:g} req/s for {SECONDS} s, {STEPS} steps): Denoiser 1 -> {peak} -> 1 replicas"
+    summary = write(result, DOCS, "scaling-burst", title)
     (DOCS / "scaling-burst.json").write_text(json.dumps({"summary": summary}, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0
