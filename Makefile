@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv tools test lint typecheck unit demo serve k8s bench clean
+.PHONY: venv tools test lint typecheck unit demo serve k8s bench bench-gpu clean
 
 venv: $(STAMP)
 
@@ -56,6 +56,14 @@ serve: venv
 # Regenerate k8s/ (kustomize base and overlay patches) from the Helm chart.
 k8s: tools
 	$(BIN)/python k8s/generate.py
+
+# Side-by-side benchmark (about 15 minutes here); rewrites the results section of BENCHMARKS.md.
+bench: venv
+	$(BIN)/python -m benchmarks.bench --out benchmarks/results --report BENCHMARKS.md
+
+# The same comparison on a CUDA machine: exact SD1.5 architecture, 512x512, 25 steps, fp16.
+bench-gpu: venv
+	$(BIN)/python -m benchmarks.bench --gpu --out benchmarks/results-gpu --report BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -48,7 +48,7 @@ class StageRuntime:
     ) -> None:
         if kind not in STAGE_KINDS:
             raise ValueError(f"unknown stage kind {kind!r}")
-        configure_threads(threads)
+        self.threads = configure_threads(threads)
         self.kind = kind
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -88,7 +88,7 @@ class StageRuntime:
             "stage": self.kind,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": self.threads,
             "pid": os.getpid(),
             "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "models": models,

@@ -184,8 +184,8 @@ class GenerationService:
                 "the service is at capacity; retry shortly",
                 headers={"Retry-After": str(self.config.limits.retry_after_s)},
             )
-        if isinstance(exc, RayActorError | ActorDiedError | ActorUnavailableError | DeploymentUnavailableError):
-            return ApiError(503, "stage_unavailable", f"a stage replica is unavailable: {type(exc).__name__}")
+        if isinstance(exc, DeploymentUnavailableError):
+            return ApiError(503, "stage_unavailable", f"a stage is unavailable: {type(exc).__name__}")
         if isinstance(exc, RequestCancelledError | asyncio.CancelledError):
             return exc
         logger.error("generation failed: %r", exc)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.processes import stop_process_group
+
 
 @contextmanager
 def serve_run(config_file: Path, port: int, extra_env: dict[str, str] | None = None) -> Iterator[str]:
@@ -44,10 +46,5 @@ def serve_run(config_file: Path, port: int, extra_env: dict[str, str] | None = N
             raise AssertionError(f"`serve run {config_file.name}` never became ready:\n{tail}")
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        stop_process_group(proc, signal.SIGINT)
         log.close()

@@ -1,0 +1,48 @@
+"""What the baselines share with each other and with sdserve, so the comparison is fair: the same model
+folder, scheduler, dtype, thread count and image encoding, and the same OpenAI-style request and response."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+
+def load_pipeline(model_dir: str) -> Any:
+    """The pipeline on the device sdserve would pick (CUDA fp16 when present, else CPU fp32)."""
+    from diffusers import StableDiffusionPipeline
+
+    from models.devices import configure_threads, resolve_device, resolve_dtype
+    from models.schedulers import create_scheduler
+
+    configure_threads(None)  # every CPU, in and out of Ray (Ray's workers start with OMP_NUM_THREADS=1)
+    device = resolve_device("auto")
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_dir, safety_checker=None, torch_dtype=resolve_dtype("auto", device)
+    ).to(device)
+    pipe.scheduler = create_scheduler("euler", dict(pipe.scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate_png(pipe: Any, body: dict[str, Any]) -> list[str]:
+    """Run one OpenAI-style request; return base64 PNGs."""
+    import torch
+
+    width, height = (int(v) for v in body.get("size", "256x256").split("x"))
+    images = pipe(
+        body["prompt"],
+        negative_prompt=body.get("negative_prompt"),
+        height=height,
+        width=width,
+        num_inference_steps=int(body.get("steps", 20)),
+        guidance_scale=float(body.get("guidance_scale", 7.5)),
+        num_images_per_prompt=int(body.get("n", 1)),
+        generator=torch.Generator("cpu").manual_seed(int(body.get("seed", 0))),
+    ).images
+    out = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        out.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+    return out

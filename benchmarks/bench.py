@@ -1,0 +1,426 @@
+"""Side-by-side benchmark: (a) bare diffusers, (b) lock server, (c) Ray monolith, (d) sdserve.
+
+One run, one machine, one model, one request mix; writes BENCHMARKS.md, results JSON and PNG plots.
+
+    python -m benchmarks.bench                # the full run (`make bench`), bench-size model, ~15 min here
+    python -m benchmarks.bench --quick        # tiny model, seconds per phase: checks the harness runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import yaml
+
+from benchmarks.loadgen import parse_mix, run_load
+from benchmarks.processes import stop_process_group
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+@dataclass
+class Settings:
+    model_size: str = "bench"
+    size: str = "256x256"
+    steps: int = 20
+    mixed: tuple[int, int, float] = (4, 30, 0.25)  # short steps, long steps, share of short requests
+    c1_requests: int = 4
+    saturation_concurrency: int = 4
+    saturation_s: float = 40.0
+    poisson_s: float = 45.0
+    bare_batches: tuple[int, ...] = (1, 2, 4)
+    gpu: bool = False
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls("tiny", "64x64", 4, (2, 6, 0.25), 2, 2, 3.0, 3.0, (1, 2))
+
+    @classmethod
+    def on_gpu(cls) -> Settings:
+        """The exact SD1.5 architecture at 512x512, 25 steps, fp16 on CUDA."""
+        return cls("sd15", "512x512", 25, (4, 30, 0.25), 8, 8, 40.0, 45.0, (1, 2, 4, 8, 16), gpu=True)
+
+
+def gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def free_port() -> int:
+    from serving.local import free_port as pick
+
+    return pick()
+
+
+def model_dir(size: str) -> Path:
+    from models.testmodels import create_test_model
+    from serving.env import SDSERVE_HOME
+
+    path = SDSERVE_HOME / "test-models" / f"{size}-seed0"
+    if not (path / "model_index.json").exists():
+        create_test_model(path, size=size, seed=0)
+    return path
+
+
+# -- (a) bare: in a child process, so its memory is its own ------------------------------------------------
+
+
+def bare_main(model: str, settings: Settings) -> dict[str, Any]:
+    from benchmarks.baselines.common import load_pipeline
+
+    pipe = load_pipeline(model)
+    width, height = (int(v) for v in settings.size.split("x"))
+
+    def run(batch: int, steps: int) -> float:
+        t0 = time.perf_counter()
+        pipe(["a photo of a cat"] * batch, height=height, width=width, num_inference_steps=steps)
+        return time.perf_counter() - t0
+
+    def unet_its(batch: int) -> float:
+        """Denoising iterations per second (latents out, no VAE), the figure GPU comparisons quote."""
+        t0 = time.perf_counter()
+        pipe(["a photo of a cat"] * batch, height=height, width=width, num_inference_steps=settings.steps,
+             output_type="latent")  # fmt: skip
+        return settings.steps / (time.perf_counter() - t0)
+
+    run(1, 2)  # warm-up
+    c1 = [run(1, settings.steps) for _ in range(max(2, settings.c1_requests - 1))]
+    throughput = {}
+    for batch in settings.bare_batches:
+        throughput[batch] = batch / (c1[0] if batch == 1 else run(batch, settings.steps))
+    best = max(throughput, key=lambda b: throughput[b])
+    extra = {"unet_its_batch1": unet_its(1), f"unet_its_batch{best}": unet_its(best)} if settings.gpu else {}
+    return {
+        **extra,
+        "latency_c1_s": statistics.median(c1),
+        "throughput_ips": throughput[best],
+        "best_batch": best,
+        "throughput_by_batch": {str(b): round(v, 4) for b, v in throughput.items()},
+        "peak_rss_mb": psutil.Process().memory_info().rss / 2**20,
+    }
+
+
+def run_bare(model: Path, settings: Settings) -> dict[str, Any]:
+    out = subprocess.run(
+        [PY, "-m", "benchmarks.bench", "--bare-child", str(model), json.dumps(asdict(settings))],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=ROOT,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+# -- (b), (c), (d): servers in their own process trees -----------------------------------------------------
+
+
+@contextmanager
+def server(cmd: list[str], port: int, log: Path) -> Iterator[tuple[str, dict[str, float]]]:
+    """Start a server, wait for /readyz, sample the RSS of its whole process tree; stop it afterwards."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    handle = log.open("w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    memory = {"peak_rss_mb": 0.0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            try:
+                root = psutil.Process(proc.pid)
+                total = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+                memory["peak_rss_mb"] = max(memory["peak_rss_mb"], total / 2**20)
+            except psutil.Error:
+                pass
+            stop.wait(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[:3]} exited: {log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            raise RuntimeError(f"{cmd[:3]} never became ready")
+        yield url, memory
+    finally:
+        stop.set()
+        stop_process_group(proc)
+        handle.close()
+
+
+def measure(url: str, settings: Settings, rates: dict[str, float] | None) -> dict[str, Any]:
+    """Latency at concurrency 1, saturation throughput and (given rates) Poisson and mixed loads."""
+    base = {"size": settings.size, "steps": settings.steps}
+    one = parse_mix([f"steps={settings.steps}:1"])
+    asyncio.run(run_load(url, "closed", concurrency=1, max_requests=1, mix=one, base=base, duration_s=600))
+    c1 = asyncio.run(
+        run_load(url, "closed", concurrency=1, max_requests=settings.c1_requests, mix=one, base=base, duration_s=600)
+    ).summary()
+    sat_run = asyncio.run(
+        run_load(
+            url, "closed", concurrency=settings.saturation_concurrency, duration_s=settings.saturation_s,
+            mix=one, base=base,
+        )
+    )  # fmt: skip
+    sat = sat_run.summary()
+    if not sat["succeeded"]:
+        raise RuntimeError(f"{url}: no request succeeded at saturation: {sat['by_status']}")
+    result: dict[str, Any] = {
+        "latency_c1_s": c1["latency_s"]["p50"],
+        "throughput_ips": sat["succeeded"] / sat["duration_s"],
+        "saturation": sat,
+    }
+    if rates is not None:
+        result.update(measure_open(url, settings, rates))
+    return result
+
+
+def sdserve_config(model: Path, settings: Settings, path: Path, port: int) -> Path:
+    config = {
+        "models": [{"name": "bench", "source": str(model)}],
+        "http": {"host": "127.0.0.1", "port": port},
+        "defaults": {"size": settings.size, "steps": settings.steps, "scheduler": "euler"},
+        "limits": {"max_size": 1024, "request_timeout_s": 900},
+        "denoiser": {"max_batch_size": 8 if settings.gpu else 4, "max_queued_requests": -1},
+        "text_encoder": {"max_queued_requests": -1},
+        "decoder": {"max_queued_requests": -1},
+    }
+    if settings.gpu:  # one GPU shared by the three stages, most of it for the denoiser
+        for stage, share in (("text_encoder", 0.1), ("denoiser", 0.6), ("decoder", 0.3)):
+            config[stage]["resources"] = {"num_gpus": share}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_all(settings: Settings, out: Path) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    model = model_dir(settings.model_size)
+    started = time.perf_counter()
+    results: dict[str, Any] = {"bare": run_bare(model, settings)}
+    print(f"bare: {results['bare']}", flush=True)
+
+    port = free_port()
+    cmd = [PY, "-m", "benchmarks.baselines.lock_server", str(model), str(port)]
+    with server(cmd, port, out / "lock_server.log") as (url, memory):
+        lock = measure(url, settings, None)
+        capacity = lock["throughput_ips"]
+        short, long_, share = settings.mixed
+        mean_steps = share * short + (1 - share) * long_
+        rates = {
+            "poisson_50": 0.5 * capacity,
+            "poisson_80": 0.8 * capacity,
+            "mixed_80": 0.8 * capacity * settings.steps / mean_steps,
+        }
+        lock.update(measure_open(url, settings, rates))
+    results["lock_server"] = {**lock, **memory}
+    print(f"lock_server: c1 {lock['latency_c1_s']:.2f}s, {capacity:.3f} img/s", flush=True)
+
+    port = free_port()
+    cmd = [PY, "-m", "benchmarks.baselines.monolith", str(model), str(port)]
+    with server(cmd, port, out / "monolith.log") as (url, memory):
+        results["monolith"] = {**measure(url, settings, rates), **memory}
+    print("monolith done", flush=True)
+
+    port = free_port()
+    config = sdserve_config(model, settings, out / "sdserve.yaml", port)
+    cmd = [str(Path(PY).parent / "sdserve"), "serve", "--config", str(config)]
+    with server(cmd, port, out / "sdserve.log") as (url, memory):
+        results["sdserve"] = {**measure(url, settings, rates), **memory}
+    print("sdserve done", flush=True)
+    results["meta"] = {
+        "settings": asdict(settings),
+        "rates": rates,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip(),
+        "torch_threads": "default (one per core) in every process",
+        "gpu": gpu_name(),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def measure_open(url: str, settings: Settings, rates: dict[str, float]) -> dict[str, Any]:
+    short, long_, share = settings.mixed
+    one = parse_mix([f"steps={settings.steps}:1"])
+    mix = parse_mix([f"steps={short}:{share}", f"steps={long_}:{1 - share}"])
+    result = {}
+    for name, rate in rates.items():
+        summary = asyncio.run(
+            run_load(
+                url, "open", rate=rate, duration_s=settings.poisson_s, mix=mix if name == "mixed_80" else one,
+                base={"size": settings.size},
+            )
+        ).summary()  # fmt: skip
+        result[name] = {"rate_rps": rate, **summary}
+    return result
+
+
+SYSTEMS = {"bare": "(a) bare diffusers", "lock_server": "(b) lock server", "monolith": "(c) Ray monolith",
+           "sdserve": "(d) sdserve"}  # fmt: skip
+
+
+def plots(results: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in SYSTEMS if n in results]
+    labels = [SYSTEMS[n] for n in names]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.bar(labels, [results[n]["latency_c1_s"] for n in names], color="tab:blue")
+    ax1.set_ylabel("seconds")
+    ax1.set_title("latency at concurrency 1 (lower is better)")
+    ax2.bar(labels, [results[n]["throughput_ips"] for n in names], color="tab:green")
+    ax2.set_ylabel("images / s")
+    ax2.set_title("saturation throughput (higher is better)")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", labelrotation=15)
+    fig.tight_layout()
+    fig.savefig(out / "bench-latency-throughput.png", dpi=110)
+    plt.close(fig)
+
+    served = [n for n in names if n != "bare"]
+    phases = ["poisson_50", "poisson_80", "mixed_80"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=False)
+    for ax, phase in zip(axes, phases, strict=True):
+        for i, name in enumerate(served):
+            lat = results[name].get(phase, {}).get("latency_s", {})
+            values = [lat.get("p50", 0), lat.get("p95", 0), lat.get("p99", 0)]
+            ax.bar([x + i * 0.25 for x in range(3)], values, width=0.25, label=SYSTEMS[name])
+        ax.set_xticks([x + 0.25 for x in range(3)], ["p50", "p95", "p99"])
+        ax.set_title(phase.replace("_", " at ") + " % of (b)'s capacity".replace("mixed at", "mixed"))
+        ax.set_ylabel("seconds")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "bench-percentiles.png", dpi=110)
+    plt.close(fig)
+    return ["bench-latency-throughput.png", "bench-percentiles.png"]
+
+
+def report(results: dict[str, Any], images: list[str], image_dir: str) -> str:
+    meta = results["meta"]
+    s = meta["settings"]
+    bare, lock, mono, sd = (results[n] for n in ("bare", "lock_server", "monolith", "sdserve"))
+    rows = []
+    for name in SYSTEMS:
+        r = results[name]
+        p80 = r.get("poisson_80", {}).get("latency_s", {})
+        p50 = r.get("poisson_50", {}).get("latency_s", {})
+        mixed = r.get("mixed_80", {}).get("latency_s", {})
+        fmt = lambda d: f"{d['p50']:.2f} / {d['p95']:.2f} / {d['p99']:.2f}" if d else "—"  # noqa: E731
+        rows.append(
+            f"| {SYSTEMS[name]} | {r['latency_c1_s']:.2f} | {r['throughput_ips']:.3f} | {fmt(p50)} | {fmt(p80)} "
+            f"| {fmt(mixed)} | {r['peak_rss_mb']:.0f} |"
+        )
+    c1_ratio = sd["latency_c1_s"] / bare["latency_c1_s"]
+    tp_bare = sd["throughput_ips"] / bare["throughput_ips"]
+    p99_sd = sd["poisson_80"]["latency_s"]["p99"]
+    p99_lock = lock["poisson_80"]["latency_s"]["p99"]
+
+    def verdict(ok: bool) -> str:
+        return "**met**" if ok else "**not met**"
+
+    targets = [
+        f"| latency at concurrency 1 ≤ 1.10 × bare | {c1_ratio:.2f} × | {verdict(c1_ratio <= 1.10)} |",
+        f"| saturation throughput ≥ 0.95 × bare | {tp_bare:.2f} × | {verdict(tp_bare >= 0.95)} |",
+        f"| saturation throughput ≥ lock server and ≥ monolith | {sd['throughput_ips'] / lock['throughput_ips']:.2f} × "
+        f"/ {sd['throughput_ips'] / mono['throughput_ips']:.2f} × "
+        f"| {verdict(sd['throughput_ips'] >= lock['throughput_ips'] and sd['throughput_ips'] >= mono['throughput_ips'])} |",
+        f"| p99 at 80 % Poisson load ≤ lock server's p99 | {p99_sd:.2f} s vs {p99_lock:.2f} s "
+        f"| {verdict(p99_sd <= p99_lock)} |",
+    ]
+    pics = "\n".join(f"![{i}]({image_dir}/{i})" for i in images)
+    return f"""
+| | |
+|---|---|
+| date | {meta["date"]} |
+| machine | {meta["machine"]}{", " + meta["gpu"] if meta.get("gpu") else ", no GPU"} |
+| commit | `{meta["commit"]}` |
+| model | `{s["model_size"]}` test model, {s["size"]}, euler, {s["steps"]} steps, {"fp16 on CUDA" if s["gpu"] else "fp32 on CPU"}, guidance 7.5 |
+| threads | {meta["torch_threads"]} |
+| wall time of the run | {meta["wall_s"]:.0f} s |
+| rates | 50 % / 80 % of (b)'s measured capacity: {meta["rates"]["poisson_50"]:.3f} / {meta["rates"]["poisson_80"]:.3f} req/s; mixed ({s["mixed"][2]:.0%} at {s["mixed"][0]} steps, the rest at {s["mixed"][1]}) at 80 %: {meta["rates"]["mixed_80"]:.3f} req/s |
+
+| system | latency c=1 (s) | saturation (img/s) | Poisson 50 %: p50 / p95 / p99 (s) | Poisson 80 % | mixed 80 % | peak RSS (MB) |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+(a) runs in-process at its best batch size ({bare["best_batch"]}; images/s by batch: {bare["throughput_by_batch"]}), so it has no
+Poisson rows: it is the compute limit, not a server.
+
+| target | measured (same run) | verdict |
+|---|---|---|
+{chr(10).join(targets)}
+
+{pics}
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model and seconds-long phases (harness check)")
+    parser.add_argument("--gpu", action="store_true", help="sd15 architecture, 512x512, 25 steps, fp16 on CUDA")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for results.json, logs and plots")
+    parser.add_argument("--report", help="write the results section into this Markdown file (BENCHMARKS.md)")
+    parser.add_argument("--bare-child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.bare_child:
+        model, raw = args.bare_child
+        settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(raw).items()})
+        print(json.dumps(bare_main(model, settings)))
+        return 0
+    settings = Settings.quick() if args.quick else Settings.on_gpu() if args.gpu else Settings()
+    marker = "gpu-results" if settings.gpu else "results"
+    out = Path(args.out)
+    results = run_all(settings, out)
+    images = plots(results, out)
+    section = report(results, images, os.path.relpath(out, Path(args.report).parent) if args.report else str(out))
+    (out / "report.md").write_text(section)
+    if args.report:
+        path = Path(args.report)
+        start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+        text = path.read_text() if path.exists() else f"{start}\n{end}\n"
+        head, _, rest = text.partition(start)
+        _, _, tail = rest.partition(end)
+        path.write_text(f"{head}{start}\n{section}\n{end}{tail}")
+    print(section)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
