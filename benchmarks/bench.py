@@ -206,14 +206,18 @@ def measure(url: str, settings: Settings, rates: dict[str, float] | None) -> dic
 
 
 def sdserve_config(model: Path, settings: Settings, path: Path, port: int) -> Path:
+    from models.devices import available_cpus
+
+    cpus = available_cpus()
     config = {
         "models": [{"name": "bench", "source": str(model)}],
         "http": {"host": "127.0.0.1", "port": port},
         "defaults": {"size": settings.size, "steps": settings.steps, "scheduler": "euler"},
         "limits": {"max_size": 1024, "request_timeout_s": 900},
-        "denoiser": {"max_batch_size": 8 if settings.gpu else 4, "max_queued_requests": -1},
-        "text_encoder": {"max_queued_requests": -1},
-        "decoder": {"max_queued_requests": -1},
+        # Every core for the denoiser, one thread each for the light stages (same thread budget as (a)-(c)).
+        "denoiser": {"max_batch_size": 8 if settings.gpu else 4, "max_queued_requests": -1, "torch_threads": cpus},
+        "text_encoder": {"max_queued_requests": -1, "torch_threads": 1},
+        "decoder": {"max_queued_requests": -1, "torch_threads": 1},
     }
     if settings.gpu:  # one GPU shared by the three stages, most of it for the denoiser
         for stage, share in (("text_encoder", 0.1), ("denoiser", 0.6), ("decoder", 0.3)):

@@ -79,7 +79,7 @@ class StageSpec(DeploymentSpec):
     device: str = Field(default="auto", description="'auto' (CUDA if visible, else CPU), 'cpu', 'cuda', 'cuda:1'.")
     dtype: Dtype = Field(default="auto", description="Weights dtype; 'auto' is fp16 on CUDA, fp32 on CPU.")
     torch_threads: int | None = Field(
-        default=None, ge=1, description="Intra-op CPU threads; every CPU the replica may use if unset."
+        default=None, ge=1, description="Intra-op CPU threads; unset: the replica's reserved CPUs (Ray's default)."
     )
     max_batch_size: int = Field(default=8, ge=1, description="Most items the stage computes in one call.")
     batch_wait_timeout_s: float = Field(

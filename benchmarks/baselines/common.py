@@ -12,10 +12,10 @@ def load_pipeline(model_dir: str) -> Any:
     """The pipeline on the device sdserve would pick (CUDA fp16 when present, else CPU fp32)."""
     from diffusers import StableDiffusionPipeline
 
-    from models.devices import configure_threads, resolve_device, resolve_dtype
+    from models.devices import available_cpus, configure_threads, resolve_device, resolve_dtype
     from models.schedulers import create_scheduler
 
-    configure_threads(None)  # every CPU, in and out of Ray (Ray's workers start with OMP_NUM_THREADS=1)
+    configure_threads(available_cpus())  # every CPU, in and out of Ray (Ray starts workers with 1 thread)
     device = resolve_device("auto")
     pipe = StableDiffusionPipeline.from_pretrained(
         model_dir, safety_checker=None, torch_dtype=resolve_dtype("auto", device)
