@@ -83,9 +83,10 @@ def test_denoiser_scales_up_under_a_burst_and_back_down(live: LiveService, tmp_p
 def test_full_queues_answer_503_at_once_and_nothing_hangs(live: LiveService, tmp_path: Path) -> None:
     denoiser = {"max_ongoing_requests": 1, "max_queued_requests": 1, "max_batch_size": 1}
     with extra_app(live, "saturate", tmp_path, denoiser=denoiser, limits={"retry_after_s": 3}) as url:
-        # A handle learns the queue limit from the controller after its first request.
+        # A handle learns the queue limit from the controller (by long poll) after its first request.
         assert httpx.post(f"{url}/v1/images/generations", json={"prompt": "warm"}, timeout=60).status_code == 200
-        bodies = [{"prompt": f"load {i}", "steps": 30, "seed": i} for i in range(12)]
+        time.sleep(3)
+        bodies = [{"prompt": f"load {i}", "steps": 60, "seed": i} for i in range(20)]
         started = time.monotonic()
         responses = asyncio.run(burst(url, bodies, timeout=120))
         assert time.monotonic() - started < 120
