@@ -17,10 +17,9 @@ import inspect
 import json
 import logging
 import math
-import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,8 +57,6 @@ class DenoiseJob:
     guided: bool
     index: int = 0
     cancelled: bool = False
-    enqueued_at: float = field(default_factory=time.monotonic)
-    on_step: Callable[[int, int], None] | None = None
 
     @property
     def total_steps(self) -> int:
@@ -187,8 +184,6 @@ class DenoiserStage:
             t = job.scheduler.timesteps[job.index]
             job.latents = job.scheduler.step(pred, t, job.latents, **job.step_kwargs, return_dict=False)[0]
             job.index += 1
-            if job.on_step is not None:
-                job.on_step(job.index, job.total_steps)
 
     def result(self, job: DenoiseJob) -> Latents:
         return Latents(
