@@ -23,6 +23,7 @@ class EncodeRequest:
     prompt: str
     negative_prompt: str | None
     with_negative: bool  # False when classifier-free guidance is off (guidance_scale <= 1)
+    ref: str = ""  # pinned model reference to use; empty: the replica's active version of `model`
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class DenoiseParams:
     seed: int
     num_images: int = 1
     eta: float = 0.0
+    ref: str = ""  # pinned model reference to use; empty: the replica's active version of `model`
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Latents:
     model_version: str
     tensor: torch.Tensor
     steps_run: int
+    ref: str = ""  # the pinned model reference that produced them (the decoder uses the same version)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ class DecoderStage:
         self.dtype = dtype
         self.tile_above_pixels = tile_above_pixels
         self.vae = AutoencoderKL.from_pretrained(
-            snapshot.path, subfolder="vae", torch_dtype=dtype, use_safetensors=True
+            snapshot.path, subfolder="vae", torch_dtype=dtype, use_safetensors=snapshot.use_safetensors
         ).to(device)
         self.vae.eval()
         self.scale_factor = snapshot.family.vae_scale_factor

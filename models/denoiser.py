@@ -87,7 +87,7 @@ class DenoiserStage:
         self.device = device
         self.dtype = dtype
         self.unet = UNet2DConditionModel.from_pretrained(
-            snapshot.path, subfolder="unet", torch_dtype=dtype, use_safetensors=True
+            snapshot.path, subfolder="unet", torch_dtype=dtype, use_safetensors=snapshot.use_safetensors
         ).to(device)
         self.unet.eval()
         config_file = snapshot.component_dir("scheduler") / "scheduler_config.json"
@@ -191,6 +191,7 @@ class DenoiserStage:
             model_version=job.model_version,
             tensor=job.latents.to("cpu"),
             steps_run=job.index,
+            ref=job.params.ref,
         )
 
     def run(self, params: DenoiseParams, embeddings: PromptEmbeddings) -> Latents:

@@ -1,8 +1,13 @@
-"""``StageRuntime``: one stage's components for every model in the catalog, on one device.
+"""``StageRuntime``: one stage's components, for every model version a replica holds, on one device.
 
 This is what a stage replica holds. It knows torch and diffusers but not Ray; the Serve deployments in
-``serving/deployments`` wrap it. It also reports what it actually holds in memory, found by looking at the
-loaded objects rather than trusting a list, so tests can prove each replica loaded only its own component.
+``serving/deployments`` wrap it. Loaded versions are keyed by their pinned reference, so during a rollout the
+old and the new version of a model are loaded side by side and each request uses the one it names. Loading is
+split in two: ``fetch`` (pin, download and verify through the snapshot cache; no torch, safe on any thread)
+and ``build`` (construct the torch modules; call it on the replica's compute thread).
+
+``describe`` reports what is actually in memory, found by looking at the loaded objects rather than trusting a
+list, so tests can prove each replica loaded only its own component.
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ from __future__ import annotations
 import logging
 import os
 import resource
-from collections.abc import Callable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -19,7 +26,9 @@ from models.decoder import DecoderStage
 from models.denoiser import DenoiserStage
 from models.devices import configure_threads, resolve_device, resolve_dtype
 from models.errors import UnknownModelError
-from models.snapshot import open_snapshot
+from models.registry import FetchReport, SnapshotCache
+from models.registry.cache import Snapshot
+from models.snapshot import STAGE_COMPONENTS, open_snapshot
 from models.text_encoder import TextEncoderStage
 
 logger = logging.getLogger(__name__)
@@ -35,12 +44,12 @@ STAGE_KINDS: dict[str, Callable[..., AnyStage]] = {
 
 
 class StageRuntime:
-    """Loads the components of one stage kind for each (name, source) model."""
+    """The loaded versions of one stage kind's components."""
 
     def __init__(
         self,
         kind: str,
-        models: Sequence[tuple[str, str]],
+        cache: SnapshotCache,
         device: str = "auto",
         dtype: str = "auto",
         threads: int | None = None,
@@ -50,40 +59,89 @@ class StageRuntime:
             raise ValueError(f"unknown stage kind {kind!r}")
         self.threads = configure_threads(threads)
         self.kind = kind
+        self.cache = cache
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.stages: dict[str, AnyStage] = {}
-        for name, source in models:
-            snapshot = open_snapshot(source, stage=kind)
-            self.stages[name] = STAGE_KINDS[kind](name, snapshot, self.device, self.dtype, **options)
-            logger.info("%s loaded model %s version %s from %s", kind, name, snapshot.version, source)
+        self.options = options
+        self.loaded: dict[str, AnyStage] = {}  # pinned reference -> stage
+        self.fetches: dict[str, FetchReport] = {}  # pinned reference -> what fetching it cost
+        self.last_used: dict[str, float] = {}
+        self._lock = threading.Lock()
 
-    def get(self, name: str) -> Any:
-        stage = self.stages.get(name)
-        if stage is None:
-            raise UnknownModelError(f"model {name!r} is not served; see GET /v1/models", param="model")
+    # -- loading --------------------------------------------------------------------------------------------
+
+    def fetch(self, ref: str) -> tuple[str, Snapshot]:
+        """Pin ``ref`` and make this stage's components local and verified; return (pinned ref, snapshot)."""
+        snap = self.cache.materialize(ref, STAGE_COMPONENTS[self.kind])
+        return snap.report.pinned, snap
+
+    def build(self, name: str, pinned: str, snap: Snapshot) -> AnyStage:
+        """Construct the torch modules of a fetched snapshot (on the compute thread) and register them."""
+        existing = self.loaded.get(pinned)
+        if existing is not None:
+            return existing
+        snapshot = open_snapshot(
+            snap.path, stage=self.kind, version=snap.report.version or None, allow_pickle=self.cache.allow_pickle
+        )
+        stage = STAGE_KINDS[self.kind](name, snapshot, self.device, self.dtype, **self.options)
+        with self._lock:
+            self.loaded[pinned] = stage
+            self.fetches[pinned] = snap.report
+            self.last_used[pinned] = time.monotonic()
+        logger.info(
+            "%s loaded %s version %s (%s): fetched %d bytes, %d cached",
+            self.kind, name, snapshot.version, pinned, snap.report.bytes_fetched, snap.report.bytes_cached,
+        )  # fmt: skip
         return stage
 
-    def describe(self) -> dict[str, Any]:
-        """What this replica holds: device, dtype, and per model its version, files and torch modules."""
+    def load(self, name: str, ref: str) -> str:
+        """``fetch`` then ``build`` on the calling thread; return the pinned reference."""
+        pinned, snap = self.fetch(ref)
+        self.build(name, pinned, snap)
+        return pinned
+
+    # -- use ------------------------------------------------------------------------------------------------
+
+    def get(self, name: str, pinned: str) -> Any:
+        """The loaded stage for a pinned reference (the caller made sure it is loaded)."""
+        stage = self.loaded.get(pinned)
+        if stage is None:
+            raise UnknownModelError(f"model {name!r} is not loaded on this replica; see GET /v1/models", "model")
+        self.last_used[pinned] = time.monotonic()
+        return stage
+
+    def retire(self, keep: Iterable[str], idle_s: float) -> list[str]:
+        """Unload versions not in ``keep`` that nothing used for ``idle_s`` seconds; return their refs.
+
+        A request that is still running holds its own reference to the stage object, so it finishes on the
+        old version; the memory is freed when the last such request lets go.
+        """
+        keep = set(keep)
+        now = time.monotonic()
+        with self._lock:
+            gone = [r for r in self.loaded if r not in keep and now - self.last_used.get(r, 0.0) >= idle_s]
+            for ref in gone:
+                stage = self.loaded.pop(ref)
+                self.last_used.pop(ref, None)
+                logger.info("%s unloaded %s version %s (%s)", self.kind, stage.name, stage.version, ref)
+        if gone and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return gone
+
+    # -- reporting ------------------------------------------------------------------------------------------
+
+    def describe(self, active: dict[str, str] | None = None) -> dict[str, Any]:
+        """Device, dtype and, per active model name, its version, files, torch modules and fetch report.
+
+        Args:
+            active: model name -> pinned reference served for that name (default: every loaded version).
+        """
+        active = active if active is not None else {stage.name: ref for ref, stage in self.loaded.items()}
         models = {}
-        for name, stage in self.stages.items():
-            torch_modules = sorted(
-                type(value).__name__ for value in vars(stage).values() if isinstance(value, torch.nn.Module)
-            )
-            files = [p.relative_to(stage.snapshot.path).as_posix() for p in stage.snapshot.stage_files(self.kind)]
-            models[name] = {
-                "version": stage.version,
-                "components": stage.loaded_modules(),
-                "torch_modules": torch_modules,
-                "files": files,
-                "parameters": sum(
-                    p.numel()
-                    for value in vars(stage).values()
-                    if isinstance(value, torch.nn.Module)
-                    for p in value.parameters()
-                ),
-            }
+        for name, ref in active.items():
+            stage = self.loaded.get(ref)
+            if stage is not None:
+                models[name] = self._describe_stage(ref, stage)
         return {
             "stage": self.kind,
             "device": str(self.device),
@@ -92,4 +150,18 @@ class StageRuntime:
             "pid": os.getpid(),
             "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "models": models,
+            "loaded_versions": {ref: stage.version for ref, stage in self.loaded.items()},
+        }
+
+    def _describe_stage(self, ref: str, stage: AnyStage) -> dict[str, Any]:
+        modules = [value for value in vars(stage).values() if isinstance(value, torch.nn.Module)]
+        report = self.fetches.get(ref)
+        return {
+            "ref": ref,
+            "version": stage.version,
+            "components": stage.loaded_modules(),
+            "torch_modules": sorted(type(m).__name__ for m in modules),
+            "files": [p.relative_to(stage.snapshot.path).as_posix() for p in stage.snapshot.stage_files(self.kind)],
+            "parameters": sum(p.numel() for m in modules for p in m.parameters()),
+            "fetch": report.to_dict() if report else None,
         }

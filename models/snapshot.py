@@ -52,6 +52,12 @@ class ModelSnapshot:
     path: Path
     version: str
     family: ModelFamily
+    allow_pickle: bool = False  # the registry's unsafe option was set for this model
+
+    @property
+    def use_safetensors(self) -> bool | None:
+        """What to pass to diffusers / transformers loaders: safetensors only unless pickle was allowed."""
+        return None if self.allow_pickle else True
 
     def component_dir(self, component: str) -> Path:
         return self.path / component
@@ -97,27 +103,33 @@ def snapshot_version(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def open_snapshot(source: str, stage: str | None = None) -> ModelSnapshot:
+def open_snapshot(
+    source: str | Path, stage: str | None = None, version: str | None = None, allow_pickle: bool = False
+) -> ModelSnapshot:
     """Check that ``source`` is a servable snapshot and return it.
 
     Args:
         source: a local path or ``file://`` URI.
         stage: when given, also check the files that stage will read (present, safetensors only).
+        version: the snapshot's content id when the registry knows it (else one is derived from the files).
+        allow_pickle: the registry's unsafe option: pickle-only components are accepted.
     """
-    path = local_path(source)
+    path = local_path(str(source))
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise SnapshotError(f"{path} is not a diffusers model folder (no model_index.json)")
     index = json.loads(index_file.read_text())
     family = family_for(index.get("_class_name", ""))
-    snapshot = ModelSnapshot(path=path, version=snapshot_version(path), family=family)
+    snapshot = ModelSnapshot(
+        path=path, version=version or snapshot_version(path), family=family, allow_pickle=allow_pickle
+    )
     if stage is not None:
         for component in STAGE_COMPONENTS[stage]:
             if not snapshot.component_dir(component).is_dir():
                 raise SnapshotError(f"{path} has no {component}/ folder, which the {stage} stage needs")
         unsafe = [p for p in snapshot.stage_files(stage) if p.suffix in UNSAFE_WEIGHT_SUFFIXES]
         weights = [p for p in snapshot.stage_files(stage) if p.suffix == ".safetensors"]
-        if unsafe and not weights:
+        if unsafe and not weights and not allow_pickle:
             raise SnapshotError(
                 f"{path} holds only pickle-based weights ({unsafe[0].name}); convert them to safetensors"
             )

@@ -43,7 +43,7 @@ class TextEncoderStage:
         self.text_encoder: Any = cast(
             Any,
             CLIPTextModel.from_pretrained(
-                snapshot.component_dir("text_encoder"), torch_dtype=dtype, use_safetensors=True
+                snapshot.component_dir("text_encoder"), torch_dtype=dtype, use_safetensors=snapshot.use_safetensors
             ),
         )
         self.text_encoder.to(device)

@@ -93,7 +93,13 @@ def create_api(service: GenerationService, outputs: OutputStore, metrics: ApiMet
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=m.name, description=m.description) for m in config.models])
+        states = service.models.describe()
+        return ModelList(
+            data=[
+                ModelCard(id=name, description=spec.description, **states[name])
+                for name, spec in service.models.specs.items()
+            ]
+        )
 
     @app.get("/v1/schedulers")
     async def list_schedulers() -> dict[str, Any]:
@@ -115,11 +121,19 @@ def create_api(service: GenerationService, outputs: OutputStore, metrics: ApiMet
     @app.get("/readyz", responses={503: _ERRORS[503]})
     async def readyz() -> JSONResponse:
         stages = await service.describe_stages()
+        models = service.models.describe()
         not_ready = [name for name, info in stages.items() if not info["ready"]]
+        not_ready += [f"model {name}" for name, info in models.items() if info["serving"] is None]
         if not_ready:
-            err = ApiError(503, "not_ready", f"stages not ready: {', '.join(not_ready)}")
+            err = ApiError(503, "not_ready", f"not ready: {', '.join(not_ready)}")
             body = {"error": {"code": err.code, "message": err.message, "param": None}, "stages": stages}
-            return JSONResponse(body, status_code=503)
-        return JSONResponse({"status": "ready", "stages": stages})
+            return JSONResponse({**body, "models": models}, status_code=503)
+        # Serving, but a configured version failed to load (the previous one still serves): say so.
+        failed = {name: info["error"] for name, info in models.items() if info["error"]}
+        for stage, info in stages.items():
+            for name, error in info.get("load_errors", {}).items():
+                failed.setdefault(name, f"{stage}: {error}")
+        status = "degraded" if failed else "ready"
+        return JSONResponse({"status": status, "errors": failed, "models": models, "stages": stages})
 
     return app

@@ -52,20 +52,31 @@ def deployment_options(name: str, spec: DeploymentSpec) -> dict[str, Any]:
 
 
 def build_app(args: dict[str, Any] | AppConfig) -> Application:
-    """Bind the ingress and the three stage deployments for ``args`` (an ``AppConfig`` or its dict)."""
+    """Bind the ingress and the three stage deployments for ``args`` (an ``AppConfig`` or its dict).
+
+    The model catalog reaches every deployment as its ``user_config``, never as a constructor argument, so a
+    changed catalog is applied by ``reconfigure`` on the running replicas (a rollout) instead of restarting
+    them. From a Serve config file the catalog comes in each deployment's ``user_config`` override (see
+    ``render_serve_config``) and ``args`` carries no ``models``.
+    """
     from serving.deployments.decoder import DecoderDeployment
     from serving.deployments.denoiser import DenoiserDeployment
     from serving.deployments.ingress import IngressDeployment
     from serving.deployments.text_encoder import TextEncoderDeployment
 
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
-    if not config.models:
+    catalog_given = isinstance(args, AppConfig) or "models" in args
+    if catalog_given and not config.models:
         raise ValueError("the config has no models; add at least one to `models`")
     data = config.to_args()
+    data.pop("models")
 
     def opts(section: str) -> dict[str, Any]:
         spec: DeploymentSpec = getattr(config, section)
-        return deployment_options(DEPLOYMENT_NAMES[section], spec)
+        options = deployment_options(DEPLOYMENT_NAMES[section], spec)
+        if catalog_given:
+            options["user_config"] = config.catalog()
+        return options
 
     # serve.deployment returns a Deployment at runtime; the class type seen by mypy lacks .options().
     stages = {
@@ -82,7 +93,13 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
 
 
 def render_serve_config(config: AppConfig) -> dict[str, Any]:
-    """The Ray Serve config file (``serve run`` / ``serve deploy`` / RayService ``serveConfigV2``)."""
+    """The Ray Serve config file (``serve run`` / ``serve deploy`` / RayService ``serveConfigV2``).
+
+    The catalog goes into each deployment's ``user_config`` and not into ``args``: Serve restarts every replica
+    when ``args`` change, but applies a changed ``user_config`` in place, which is how model versions roll out.
+    """
+    args = config.to_args()
+    catalog = {"models": args.pop("models")}
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": config.http.host, "port": config.http.port},
@@ -91,7 +108,8 @@ def render_serve_config(config: AppConfig) -> dict[str, Any]:
                 "name": config.app_name,
                 "route_prefix": config.route_prefix,
                 "import_path": "serving.app:build_app",
-                "args": config.to_args(),
+                "args": args,
+                "deployments": [{"name": name, "user_config": catalog} for name in DEPLOYMENT_NAMES.values()],
             }
         ],
     }

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from models.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
@@ -25,8 +25,50 @@ class ModelSpec(_Strict):
     """One servable model in the catalog."""
 
     name: str = Field(description="Name clients use in the `model` field of a request.", pattern=r"^[\w.\-]+$")
-    source: str = Field(description="Where the diffusers-layout snapshot lives: a local path or file:// URI.")
+    source: str = Field(
+        description="Model reference: file:///path (or a path), s3://bucket/prefix@<version>, hf://org/name@<rev>."
+    )
     description: str = Field(default="", description="Free text shown in GET /v1/models.")
+
+    @field_validator("source")
+    @classmethod
+    def _reference(cls, value: str) -> str:
+        from models.registry import RegistryError, parse_ref, source_for
+
+        try:
+            source_for(parse_ref(value))
+        except RegistryError as exc:
+            raise ValueError(str(exc)) from exc
+        return value
+
+
+class ModelCatalog(_Strict):
+    """The served models: the part of the config a running application can change in place (`user_config`)."""
+
+    models: list[ModelSpec] = Field(default_factory=list, description="Model catalog; the first is the default.")
+
+    @model_validator(mode="after")
+    def _unique(self) -> ModelCatalog:
+        names = [m.name for m in self.models]
+        if len(names) != len(set(names)):
+            raise ValueError("model names must be unique")
+        return self
+
+
+class RegistrySpec(_Strict):
+    """Where model snapshots are cached and how they are fetched and rolled out."""
+
+    cache_dir: str | None = Field(
+        default=None, description="Snapshot cache folder shared by a node's replicas; unset: $SDSERVE_HOME/snapshots."
+    )
+    download_attempts: int = Field(default=3, ge=1, le=20, description="Tries per file before a download fails.")
+    unsafe_allow_pickle_weights: bool = Field(
+        default=False,
+        description="UNSAFE: accept pickle-based weights (.bin/.ckpt/.pt/.pth), which can run code when loaded.",
+    )
+    keep_previous_s: float = Field(
+        default=60.0, ge=0, description="Seconds a replaced model version stays loaded after its last request."
+    )
 
 
 class AutoscalingSpec(_Strict):
@@ -179,12 +221,11 @@ class AppConfig(_Strict):
     limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Request limits.")
     defaults: DefaultsSpec = Field(default_factory=DefaultsSpec, description="Request defaults.")
     outputs: OutputSpec = Field(default_factory=OutputSpec, description="Storage for url responses.")
+    registry: RegistrySpec = Field(default_factory=RegistrySpec, description="Model snapshot cache and rollout.")
 
     @model_validator(mode="after")
     def _consistent(self) -> AppConfig:
-        names = [m.name for m in self.models]
-        if len(names) != len(set(names)):
-            raise ValueError("model names must be unique")
+        ModelCatalog(models=self.models)  # unique names
         if self.defaults.scheduler not in SCHEDULERS:
             raise ValueError(f"defaults.scheduler must be one of {sorted(SCHEDULERS)}")
         if self.limits.min_size > self.limits.max_size:
@@ -204,8 +245,15 @@ class AppConfig(_Strict):
         return cls.model_validate(data)
 
     def to_args(self) -> dict[str, Any]:
-        """The JSON-safe dict passed as `args` to `serving.app:build_app`."""
+        """The JSON-safe dict passed as `args` to `serving.app:build_app` (the model catalog included)."""
         return self.model_dump(mode="json")
+
+    def catalog(self) -> dict[str, Any]:
+        """The deployments' `user_config`: the model catalog, which changes without restarting replicas."""
+        return ModelCatalog(models=self.models).model_dump(mode="json")
+
+    def cache_dir(self, home: Path) -> Path:
+        return Path(self.registry.cache_dir).expanduser() if self.registry.cache_dir else home / "snapshots"
 
 
 def config_reference(instance: BaseModel | None = None, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -97,6 +97,10 @@ class ModelCard(BaseModel):
     created: int = 0
     owned_by: str = "sdserve"
     description: str = ""
+    ref: str | None = Field(default=None, description="The model reference as configured.")
+    serving: str | None = Field(default=None, description="The pinned reference new requests run on.")
+    version: str | None = Field(default=None, description="Content id of the served version, once known.")
+    error: str | None = Field(default=None, description="Why the configured reference is not (yet) served.")
 
 
 class ModelList(BaseModel):

@@ -19,7 +19,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from models.contracts import DecodeParams, DenoiseParams, EncodedImages, EncodeRequest, OutputFormat
 from models.errors import StageInputError, UnknownModelError
-from serving.config import AppConfig
+from models.registry.errors import RegistryError
+from serving.config import AppConfig, ModelCatalog, ModelSpec
 from serving.errors import ApiError, invalid
 from serving.schemas import ImageGenerationRequest
 
@@ -45,6 +46,7 @@ class GenerationRequest:
     output_format: OutputFormat
     quality: int | None = None
     user: str | None = None
+    ref: str = ""  # the pinned model reference this request runs on (every stage uses the same version)
 
 
 @dataclass
@@ -62,15 +64,21 @@ class GenerationService:
     def __init__(self, config: AppConfig, text_encoder: Any, denoiser: Any, decoder: Any) -> None:
         self.config = config
         self.handles = {"text_encoder": text_encoder, "denoiser": denoiser, "decoder": decoder}
+        self.models = ModelCatalogState()
 
     # -- requests ---------------------------------------------------------------------------------------------
 
     def prepare(self, req: ImageGenerationRequest) -> GenerationRequest:
         """Fill defaults from the config and check the config's limits (the schema checked the rest)."""
-        cfg, limits, defaults = self.config, self.config.limits, self.config.defaults
-        model = req.model or cfg.default_model
-        if model is None or cfg.model(model) is None:
+        limits, defaults = self.config.limits, self.config.defaults
+        model = req.model or self.models.default
+        if model is None or model not in self.models.specs:
             raise ApiError(404, "model_not_found", f"model {model!r} is not served; see GET /v1/models", "model")
+        ref = self.models.active.get(model)
+        if ref is None:
+            raise ApiError(
+                503, "model_unavailable", f"model {model!r} has no loaded version: {self.models.errors.get(model)}"
+            )
         width, height = (int(v) for v in (req.size or defaults.size).split("x"))
         for name, value in (("width", width), ("height", height)):
             if not limits.min_size <= value <= limits.max_size:
@@ -99,6 +107,7 @@ class GenerationService:
             output_format=req.output_format or defaults.output_format,
             quality=req.output_compression,
             user=req.user,
+            ref=ref,
         )
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
@@ -144,7 +153,9 @@ class GenerationService:
 
     async def _run_chain(self, req: GenerationRequest, timeout: float) -> EncodedImages:
         encoded = self.handles["text_encoder"].encode.remote(
-            EncodeRequest(req.model, req.prompt, req.negative_prompt, with_negative=req.guidance_scale > 1.0)
+            EncodeRequest(
+                req.model, req.prompt, req.negative_prompt, with_negative=req.guidance_scale > 1.0, ref=req.ref
+            )
         )
         params = DenoiseParams(
             model=req.model,
@@ -155,6 +166,7 @@ class GenerationService:
             scheduler=req.scheduler,
             seed=req.seed,
             num_images=req.num_images,
+            ref=req.ref,
         )
         # Passing the response objects on (not awaited here) keeps tensors out of the ingress.
         latents = self.handles["denoiser"].denoise.remote(encoded, params)
@@ -177,6 +189,8 @@ class GenerationService:
             return ApiError(404, "model_not_found", exc.message, exc.param)
         if isinstance(exc, StageInputError):
             return invalid(exc.message, exc.param)
+        if isinstance(exc, RegistryError):
+            return ApiError(503, "model_unavailable", f"the model version could not be loaded: {exc.message}")
         if isinstance(exc, BackPressureError):
             return ApiError(
                 503,
@@ -190,6 +204,63 @@ class GenerationService:
             return exc
         logger.error("generation failed: %r", exc)
         return exc
+
+    # -- catalog and rollout ----------------------------------------------------------------------------------
+
+    async def apply_catalog(self, user_config: dict[str, Any]) -> None:
+        """Take a (changed) model catalog; a changed reference is rolled out without dropping requests.
+
+        At replica start every reference is pinned and served at once (the stages load the same catalog
+        before they report ready). Later, a changed reference is pinned (a hub branch becomes a commit),
+        loaded by every stage beside the old version, and only then do new requests go to it; requests in
+        flight finish on the version they started with. A failed load keeps the old version serving and is
+        reported in ``/readyz``, ``GET /v1/models`` and the log.
+        """
+        catalog = ModelCatalog.model_validate(user_config or {})
+        state = self.models
+        initial = not state.specs
+        state.specs = {m.name: m for m in catalog.models}
+        state.default = catalog.models[0].name if catalog.models else None
+        for name in [n for n in state.active if n not in state.specs]:
+            del state.active[name]
+        changed = [m for m in catalog.models if state.configured.get(m.name) != m.source]
+        if initial:
+            await asyncio.gather(*(self._roll_out(m, prepare=False) for m in changed))
+        elif changed:
+            if state.rollout is not None and not state.rollout.done():
+                state.rollout.cancel()
+            state.rollout = asyncio.get_running_loop().create_task(self._roll_out_all(changed))
+
+    async def _roll_out_all(self, models: list[ModelSpec]) -> None:
+        await asyncio.gather(*(self._roll_out(m, prepare=True) for m in models))
+
+    async def _roll_out(self, model: ModelSpec, prepare: bool) -> None:
+        from models.registry import SnapshotCache
+        from serving.env import SDSERVE_HOME
+
+        state = self.models
+        state.configured[model.name] = model.source
+        try:
+            cache = SnapshotCache(self.config.cache_dir(SDSERVE_HOME), attempts=self.config.registry.download_attempts)
+            pinned = str(await asyncio.to_thread(cache.pin, model.source))
+            if prepare:
+                # Every stage loads the version before any request uses it.
+                answers = await asyncio.gather(
+                    *(self.handles[stage].prepare.remote(model.name, pinned) for stage in STAGES)
+                )
+                versions = {answer["version"] for answer in answers}
+                if len(versions) != 1:
+                    raise RuntimeError(f"stages loaded different versions of {pinned}: {sorted(versions)}")
+                state.versions[model.name] = versions.pop()
+        except Exception as exc:
+            state.errors[model.name] = f"{model.source}: {type(exc).__name__}: {exc}"[:1000]
+            logger.error("model %s: %s stays in service; %s failed: %s", model.name,
+                         state.active.get(model.name), model.source, exc)  # fmt: skip
+            return
+        previous = state.active.get(model.name)
+        state.active[model.name] = pinned
+        state.errors.pop(model.name, None)
+        logger.info("model %s now serves %s (configured %s, was %s)", model.name, pinned, model.source, previous)
 
     # -- catalog and health -----------------------------------------------------------------------------------
 
@@ -219,6 +290,30 @@ class GenerationService:
         return {
             name: sum(n for state, n in d.replica_states.items() if state == "RUNNING")
             for name, d in app.deployments.items()
+        }
+
+
+@dataclass
+class ModelCatalogState:
+    """The ingress's view of the catalog: what each model name is served from right now."""
+
+    specs: dict[str, ModelSpec] = field(default_factory=dict)
+    default: str | None = None
+    configured: dict[str, str] = field(default_factory=dict)  # name -> reference as configured
+    active: dict[str, str] = field(default_factory=dict)  # name -> pinned reference new requests use
+    versions: dict[str, str] = field(default_factory=dict)  # name -> content id, once a stage reported it
+    errors: dict[str, str] = field(default_factory=dict)  # name -> why the configured reference is not served
+    rollout: asyncio.Task[None] | None = None
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        return {
+            name: {
+                "ref": self.configured.get(name),
+                "serving": self.active.get(name),
+                "version": self.versions.get(name),
+                "error": self.errors.get(name),
+            }
+            for name in self.specs
         }
 
 

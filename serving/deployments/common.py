@@ -1,49 +1,153 @@
-"""What every stage deployment shares: building its ``StageRuntime`` from the config, one compute thread."""
+"""What every stage deployment shares: the model versions it holds, rollouts, and one compute thread."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from serving.config import AppConfig, StageSpec
+from models.errors import UnknownModelError
+from serving.config import AppConfig, ModelCatalog, StageSpec
+from serving.env import SDSERVE_HOME
 from serving.metrics import StageMetrics
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
+RETIRE_CHECK_S = 2.0  # how often replaced versions are looked at for unloading
+
 
 class StageReplica:
-    """Base of the stage deployments: loads the stage's components for every catalog model at start.
+    """Base of the stage deployments.
+
+    The model catalog arrives as the deployment's ``user_config``. The first ``reconfigure`` (during replica
+    start) loads every model before the replica reports ready; a later one (a changed catalog) loads the new
+    versions in the background beside the old ones, makes them this replica's default once loaded, and
+    unloads a replaced version after ``registry.keep_previous_s`` without requests. A version that fails to
+    load leaves the old one serving; the error shows in ``describe`` (and so in ``/readyz``) and the log.
+    Requests name the pinned reference they need (the ingress decides when a new version takes traffic), and
+    a replica that does not hold it yet loads it first.
 
     All torch work, loading included, runs on one dedicated thread so the replica's event loop stays free for
     health checks, cancellation and new arrivals; intra-op parallelism comes from torch's own threads.
+    Downloads run on other threads (no torch there).
     """
 
     kind: str = ""
 
     def __init__(self, config: dict[str, Any], **options: Any) -> None:
+        from models.registry import SnapshotCache
         from models.runtime import StageRuntime  # torch is imported inside the replica, never by the ingress
 
         self.config = AppConfig.model_validate(config)
         spec: StageSpec = getattr(self.config, self.kind)
         self.spec = spec
+        registry = self.config.registry
+        cache = SnapshotCache(
+            self.config.cache_dir(SDSERVE_HOME),
+            allow_pickle=registry.unsafe_allow_pickle_weights,
+            attempts=registry.download_attempts,
+        )
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.kind}-compute")
-        # Load on the compute thread too. Each thread that runs torch work gets its own OpenMP thread team;
+        # Build on the compute thread too. Each thread that runs torch work gets its own OpenMP thread team;
         # two teams on the same cores (one left spinning from the load) made every UNet call ~1.5x slower.
         self.runtime = self.executor.submit(
-            StageRuntime,
-            self.kind,
-            [(m.name, m.source) for m in self.config.models],
-            device=spec.device,
-            dtype=spec.dtype,
-            threads=spec.torch_threads,
-            **options,
+            StageRuntime, self.kind, cache, device=spec.device, dtype=spec.dtype, threads=spec.torch_threads, **options
         ).result()
         self.metrics = StageMetrics(self.kind)
         self._waiting = 0  # requests in this replica not yet handed to the compute thread
-        logger.info("%s replica ready: %s", self.kind, list(self.runtime.stages))
+        self.catalog: dict[str, str] = {}  # model name -> configured reference
+        self.active: dict[str, str] = {}  # model name -> pinned reference this replica serves by default
+        self.load_errors: dict[str, str] = {}
+        self._loading: dict[str, asyncio.Future[str]] = {}
+        self._rollout: asyncio.Task[None] | None = None
+        self._retirer: asyncio.Task[None] | None = None
+
+    # -- model versions -------------------------------------------------------------------------------------
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        models = ModelCatalog.model_validate(user_config or {}).models
+        if self._retirer is None:
+            self._retirer = asyncio.get_running_loop().create_task(self._retire_loop())
+        if not self.active and not self.catalog:
+            await self._apply(models, initial=True)  # the replica is not ready until its models are
+            logger.info("%s replica ready: %s", self.kind, self.active)
+            return
+        if self._rollout is not None and not self._rollout.done():
+            self._rollout.cancel()
+        self._rollout = asyncio.get_running_loop().create_task(self._apply(models, initial=False))
+
+    async def _apply(self, models: list[Any], initial: bool) -> None:
+        for model in models:
+            if self.catalog.get(model.name) == model.source and model.name in self.active:
+                continue
+            try:
+                pinned = await self.ensure_loaded(model.name, model.source)
+            except Exception as exc:
+                self.load_errors[model.name] = f"{model.source}: {type(exc).__name__}: {exc}"[:1000]
+                logger.error("%s could not load %s from %s: %s", self.kind, model.name, model.source, exc)
+                if initial:
+                    raise
+                continue
+            previous = self.active.get(model.name)
+            self.active[model.name] = pinned
+            self.load_errors.pop(model.name, None)
+            if previous and previous != pinned:
+                logger.info("%s now serves %s from %s (was %s)", self.kind, model.name, pinned, previous)
+        self.catalog = {m.name: m.source for m in models}
+        for name in [n for n in self.active if n not in self.catalog]:
+            del self.active[name]
+
+    async def ensure_loaded(self, name: str, ref: str) -> str:
+        """Load ``ref`` unless this replica holds it (concurrent callers share one load); return it pinned."""
+        if ref in self.runtime.loaded:
+            return ref
+        future = self._loading.get(ref)
+        if future is None:
+            future = asyncio.ensure_future(self._load(name, ref))
+            self._loading[ref] = future
+            future.add_done_callback(lambda _: self._loading.pop(ref, None))
+        return await asyncio.shield(future)
+
+    async def _load(self, name: str, ref: str) -> str:
+        pinned, snap = await asyncio.to_thread(self.runtime.fetch, ref)  # network and hashing: no torch
+        if pinned not in self.runtime.loaded:
+            await self.run_compute(self.runtime.build, name, pinned, snap)
+        return pinned
+
+    async def resolve(self, name: str, ref: str) -> str:
+        """The pinned reference a request runs on: the one it names (loaded if needed), else the default."""
+        if not ref:
+            ref = self.active.get(name, "")
+            if not ref:
+                raise UnknownModelError(f"model {name!r} is not served; see GET /v1/models", param="model")
+        pinned = await self.ensure_loaded(name, ref)
+        self.runtime.last_used[pinned] = time.monotonic()  # keeps a replaced version loaded while in use
+        return pinned
+
+    async def prepare(self, name: str, ref: str) -> dict[str, Any]:
+        """Load a version ahead of traffic (the ingress calls this before switching a model to it)."""
+        pinned = await self.ensure_loaded(name, ref)
+        return {"pinned": pinned, "version": self.runtime.loaded[pinned].version}
+
+    async def _retire_loop(self) -> None:
+        idle_s = self.config.registry.keep_previous_s
+        while True:
+            await asyncio.sleep(RETIRE_CHECK_S)
+            with contextlib.suppress(Exception):
+                keep = set(self.active.values()) | set(self._loading)
+                await self.run_compute(self.runtime.retire, keep, idle_s)
+
+    @staticmethod
+    def pinned(item: T, ref: str) -> T:
+        """A copy of a frozen request dataclass that names the pinned reference."""
+        return dataclasses.replace(item, ref=ref)  # type: ignore[type-var]
+
+    # -- compute --------------------------------------------------------------------------------------------
 
     async def run_compute(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -66,5 +170,8 @@ class StageReplica:
         return result
 
     def describe(self) -> dict[str, Any]:
-        """What this replica holds (device, dtype, per-model version, files and torch modules)."""
-        return self.runtime.describe()
+        """What this replica holds (device, dtype, per-model version, files, torch modules, fetch report)."""
+        info = self.runtime.describe(self.active)
+        info["catalog"] = dict(self.catalog)
+        info["load_errors"] = dict(self.load_errors)
+        return info

@@ -21,13 +21,13 @@ class DecoderDeployment(StageReplica):
         batcher.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
 
     def _decode_all(self, items: list[tuple[Latents, DecodeParams]]) -> list[EncodedImages | Exception]:
-        by_model: dict[str, list[int]] = {}
+        by_version: dict[tuple[str, str], list[int]] = {}
         for i, (latents, _) in enumerate(items):
-            by_model.setdefault(latents.model, []).append(i)
+            by_version.setdefault((latents.model, latents.ref), []).append(i)
         results: list[EncodedImages | Exception] = [RuntimeError("not decoded")] * len(items)
-        for model, indices in by_model.items():
+        for (model, ref), indices in by_version.items():
             try:
-                decoded = self.runtime.get(model).decode([items[i] for i in indices])
+                decoded = self.runtime.get(model, ref).decode([items[i] for i in indices])
                 for i, out in zip(indices, decoded, strict=True):
                     results[i] = out
             except Exception as exc:
@@ -41,5 +41,6 @@ class DecoderDeployment(StageReplica):
         return results
 
     async def decode(self, latents: Latents, params: DecodeParams) -> EncodedImages:
+        latents = self.pinned(latents, await self.resolve(latents.model, latents.ref))
         result: EncodedImages = await self.submit_to_batch(self._batch, (latents, params))
         return result

@@ -25,7 +25,8 @@ class DenoiserDeployment(StageReplica):
         self.metrics.set_queue_depth(waiting)
 
     async def denoise(self, embeddings: PromptEmbeddings, params: DenoiseParams) -> Latents:
-        stage = self.runtime.get(params.model)
+        params = self.pinned(params, await self.resolve(params.model, params.ref))
+        stage = self.runtime.get(params.model, params.ref)
         with self.metrics.request():
             result: Latents = await self.batcher.submit(stage, params, embeddings)
         return result

@@ -28,6 +28,10 @@ class IngressDeployment:
         self.service = GenerationService(self.config, text_encoder, denoiser, decoder)
         self.outputs = OutputStore(self.config.outputs.directory, self.config.outputs.ttl_s)
 
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """The model catalog (Serve ``user_config``): new references are rolled out in the background."""
+        await self.service.apply_catalog(user_config)
+
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Called by Serve after __init__: routes close over this replica's service.
         from serving.metrics import api_metrics

@@ -31,7 +31,7 @@ class TextEncoderDeployment(StageReplica):
         results: list[PromptEmbeddings | Exception] = []
         for req in requests:
             try:
-                results.append(self.runtime.get(req.model).encode([req])[0])
+                results.append(self.runtime.get(req.model, req.ref).encode([req])[0])
             except Exception as exc:
                 results.append(exc)
         return results
@@ -42,5 +42,6 @@ class TextEncoderDeployment(StageReplica):
         return results
 
     async def encode(self, request: EncodeRequest) -> PromptEmbeddings:
+        request = self.pinned(request, await self.resolve(request.model, request.ref))
         result: PromptEmbeddings = await self.submit_to_batch(self._batch, request)
         return result

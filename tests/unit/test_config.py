@@ -76,7 +76,12 @@ def test_render_serve_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[s
     app = rendered["applications"][0]
     assert app["import_path"] == "serving.app:build_app"
     assert rendered["http_options"]["port"] == 8123
-    assert AppConfig.model_validate(app["args"]) == AppConfig.from_yaml(source)
+    # The catalog travels as every deployment's user_config (changed in place), everything else as args.
+    assert "models" not in app["args"]
+    catalogs = {d["name"]: d["user_config"] for d in app["deployments"]}
+    assert set(catalogs) == {"Ingress", "TextEncoder", "Denoiser", "Decoder"}
+    assert all(c == {"models": [{"name": "m", "source": "/models/m", "description": ""}]} for c in catalogs.values())
+    assert AppConfig.model_validate({**app["args"], **catalogs["Denoiser"]}) == AppConfig.from_yaml(source)
     assert rendered == render_serve_config(AppConfig.from_yaml(source))
 
 
@@ -97,4 +102,8 @@ def test_build_app_needs_a_model() -> None:
     from serving.app import build_app
 
     with pytest.raises(ValueError, match="no models"):
-        build_app({})
+        build_app({"models": []})
+    with pytest.raises(ValueError, match="no models"):
+        build_app(AppConfig())
+    # From a Serve config file the catalog arrives as the deployments' user_config, not in args.
+    build_app({"defaults": {"steps": 4}})
