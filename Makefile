@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv tools test lint typecheck unit demo serve k8s bench bench-gpu clean
+.PHONY: venv tools servers test lint typecheck unit demo serve k8s bench bench-gpu clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,18 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
+# Registry servers for the tests, in their own venv (their pins clash with the service's): moto's S3 server
+# and olah, which serves local git repositories as a Hugging Face hub.
+SERVERS_VENV := .cache/servers-venv
+SERVERS_STAMP := $(SERVERS_VENV)/.installed
+servers: $(SERVERS_STAMP)
+
+$(SERVERS_STAMP): tests/servers/requirements.lock
+	$(PYTHON) -m venv $(SERVERS_VENV)
+	$(SERVERS_VENV)/bin/pip install -q --upgrade pip
+	$(SERVERS_VENV)/bin/pip install -q -r tests/servers/requirements.lock
+	touch $(SERVERS_STAMP)
+
 lint: venv
 	$(BIN)/ruff check serving models tests k8s benchmarks
 	$(BIN)/ruff format --check serving models tests k8s benchmarks
@@ -44,7 +56,7 @@ typecheck: venv
 unit: venv
 	$(BIN)/pytest tests/unit -q
 
-test: lint typecheck tools
+test: lint typecheck tools servers
 	$(BIN)/pytest -q
 
 demo: venv

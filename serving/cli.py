@@ -11,9 +11,11 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from models.registry.errors import RegistryError
 from serving.config import AppConfig
 from serving.env import SDSERVE_LOG_LEVEL
 
@@ -112,6 +114,60 @@ def cmd_create_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache(args: argparse.Namespace) -> Any:
+    from models.registry import SnapshotCache
+    from serving.env import SDSERVE_HOME
+
+    config = _load_config(getattr(args, "config", None))
+    root = Path(args.cache_dir) if args.cache_dir else config.cache_dir(SDSERVE_HOME)
+    allow = config.registry.unsafe_allow_pickle_weights or getattr(args, "unsafe_allow_pickle_weights", False)
+    return SnapshotCache(root, allow_pickle=allow, attempts=config.registry.download_attempts)
+
+
+def cmd_models_push(args: argparse.Namespace) -> int:
+    from models.registry import parse_ref
+    from models.registry.sources import publish
+
+    pinned, version = publish(Path(args.directory), parse_ref(args.ref), allow_pickle=args.unsafe_allow_pickle_weights)
+    print(json.dumps({"ref": args.ref, "pinned": str(pinned), "version": version}))
+    return 0
+
+
+def cmd_models_pull(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from models.snapshot import STAGE_COMPONENTS
+
+    components = STAGE_COMPONENTS[args.stage] if args.stage else None
+    with tqdm(unit="B", unit_scale=True, desc="download", file=sys.stderr, disable=args.quiet) as bar:
+        snap = _cache(args).materialize(args.ref, components, progress=bar.update)
+    print(json.dumps({"path": str(snap.path), **snap.report.to_dict()}))
+    return 0
+
+
+def cmd_models_verify(args: argparse.Namespace) -> int:
+    cache = _cache(args)
+    snap = cache.materialize(args.ref)  # fetches what is missing, verifying each file as it lands
+    problems = cache.verify(args.ref) if snap.report.bytes_fetched or snap.report.bytes_cached else []
+    for problem in problems:
+        print(f"{args.ref}: {problem}", file=sys.stderr)
+    print(json.dumps({"ref": args.ref, "pinned": snap.report.pinned, "version": snap.report.version,
+                      "files": snap.report.files, "ok": not problems}))  # fmt: skip
+    return 1 if problems else 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    if args.ref:
+        from models.registry import parse_ref, source_for
+
+        for version in source_for(parse_ref(args.ref)).versions(parse_ref(args.ref)):
+            print(version)
+        return 0
+    for entry in _cache(args).entries():
+        print(json.dumps(entry))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from models.testmodels import TEST_MODEL_SIZES
 
@@ -157,6 +213,28 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--seed", type=int, default=0)
     create.add_argument("--dtype", choices=["float32", "float16"], help="weight dtype on disk (default: per size)")
     create.set_defaults(func=cmd_create_test)
+
+    def registry_command(name: str, help: str, func: Any) -> argparse.ArgumentParser:
+        cmd = models_sub.add_parser(name, help=help)
+        cmd.add_argument("--config", help="AppConfig YAML (registry settings)")
+        cmd.add_argument("--cache-dir", help="snapshot cache folder (default: registry.cache_dir)")
+        cmd.set_defaults(func=func)
+        return cmd
+
+    push = models_sub.add_parser("push", help="write sdserve-manifest.json into DIR and publish DIR at REF")
+    push.add_argument("directory")
+    push.add_argument("ref", help="s3://bucket/prefix@<version>, hf://org/name[@branch] or file:///path")
+    push.add_argument("--unsafe-allow-pickle-weights", action="store_true", help="UNSAFE: publish pickle weights")
+    push.set_defaults(func=cmd_models_push)
+    pull = registry_command("pull", "download REF into the snapshot cache, verified", cmd_models_pull)
+    pull.add_argument("ref")
+    pull.add_argument("--stage", choices=["text_encoder", "denoiser", "decoder"], help="only this stage's files")
+    pull.add_argument("--quiet", action="store_true", help="no progress bar")
+    pull.add_argument("--unsafe-allow-pickle-weights", action="store_true", help="UNSAFE: accept pickle weights")
+    verify = registry_command("verify", "pull REF if needed and re-hash every cached file", cmd_models_verify)
+    verify.add_argument("ref")
+    listing = registry_command("list", "cached snapshots, or the versions published at REF", cmd_models_list)
+    listing.add_argument("ref", nargs="?")
     return parser
 
 
@@ -165,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (ValueError, FileExistsError, FileNotFoundError, RegistryError) as exc:
         print(f"sdserve: error: {exc}", file=sys.stderr)
         return 2
     return code

@@ -1,0 +1,207 @@
+"""The registry against real stores: push, pinned pulls, stage-selective downloads, integrity, concurrency."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.registry import MANIFEST_NAME, SnapshotCache, parse_ref
+from models.registry.errors import IntegrityError, NotFoundError, RegistryError, UnsafeWeightsError
+from models.registry.manifest import Manifest, content_id
+from models.registry.sources import publish
+from models.snapshot import STAGE_COMPONENTS
+from tests.registry.conftest import point_hub_at
+from tests.servers import DroppingProxy, HubServer, S3Server
+
+pytestmark = pytest.mark.slow
+
+
+def sizes(model: Path, components: tuple[str, ...]) -> int:
+    manifest = Manifest.from_bytes((model / MANIFEST_NAME).read_bytes(), "test")
+    return sum(e.size for e in manifest.entries(components))
+
+
+def test_s3_push_then_stage_selective_pulls(s3_env: S3Server, model_copy: Path, tmp_path: Path) -> None:
+    pinned, version = publish(model_copy, parse_ref("s3://models/tiny@v1"))
+    assert str(pinned) == "s3://models/tiny@v1"
+    assert version == content_id((model_copy / MANIFEST_NAME).read_bytes())
+    cache = SnapshotCache(tmp_path / "cache")
+
+    snap = cache.materialize("s3://models/tiny@v1", STAGE_COMPONENTS["denoiser"])
+    assert {p.name for p in snap.path.iterdir()} == {"model_index.json", MANIFEST_NAME, "scheduler", "unet"}
+    assert snap.report.version == version
+    assert snap.report.bytes_fetched == sizes(model_copy, ("unet", "scheduler"))
+    assert s3_env.gets("tiny/v1/vae/diffusion_pytorch_model.safetensors") == 0  # never asked for
+
+    text = cache.materialize("s3://models/tiny@v1", STAGE_COMPONENTS["text_encoder"])
+    assert text.path == snap.path  # one content-addressed snapshot, filled component by component
+    assert text.report.bytes_fetched == sizes(model_copy, ("tokenizer", "text_encoder")) - sizes(model_copy, ())
+    again = cache.materialize("s3://models/tiny@v1", STAGE_COMPONENTS["denoiser"])
+    assert again.report.bytes_fetched == 0 and again.report.bytes_cached == snap.report.bytes_fetched
+    assert cache.verify("s3://models/tiny@v1") == []
+
+    with pytest.raises(RegistryError, match="immutable"):
+        publish(model_copy, parse_ref("s3://models/tiny@v1"))
+
+
+def test_s3_versions_must_be_named_and_exist(s3_env: S3Server, model_copy: Path, tmp_path: Path) -> None:
+    cache = SnapshotCache(tmp_path / "cache")
+    with pytest.raises(RegistryError, match="must name a version"):
+        cache.materialize("s3://models/tiny")
+    with pytest.raises(NotFoundError, match="unknown version"):
+        cache.materialize("s3://models/tiny@v404")
+
+
+def test_s3_missing_manifest_is_refused(s3_env: S3Server, model_copy: Path, tmp_path: Path) -> None:
+    client = s3_env.client()
+    for path in model_copy.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), "models", f"bare/v1/{path.relative_to(model_copy).as_posix()}")
+    with pytest.raises(NotFoundError, match=MANIFEST_NAME):
+        SnapshotCache(tmp_path / "cache").materialize("s3://models/bare@v1")
+
+
+def test_a_corrupted_byte_is_caught_and_never_published(s3_env: S3Server, model_copy: Path, tmp_path: Path) -> None:
+    publish(model_copy, parse_ref("s3://models/tiny@corrupt"))
+    client = s3_env.client()
+    key = "tiny/corrupt/unet/diffusion_pytorch_model.safetensors"
+    data = bytearray(client.get_object(Bucket="models", Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0xFF
+    client.put_object(Bucket="models", Key=key, Body=bytes(data))
+
+    cache = SnapshotCache(tmp_path / "cache")
+    with pytest.raises(IntegrityError, match=r"unet/diffusion_pytorch_model\.safetensors"):
+        cache.materialize("s3://models/tiny@corrupt", STAGE_COMPONENTS["denoiser"])
+    cid = content_id((model_copy / MANIFEST_NAME).read_bytes())
+    assert not (tmp_path / "cache" / "snapshots" / cid / "unet").exists()
+    assert not list((tmp_path / "cache" / "partial").rglob("diffusion_pytorch_model.safetensors"))
+    # Components that do match are still served (the decoder's VAE is intact).
+    cache.materialize("s3://models/tiny@corrupt", STAGE_COMPONENTS["decoder"])
+
+
+def test_pickle_weights_are_refused_unless_explicitly_allowed(
+    s3_env: S3Server, model_copy: Path, tmp_path: Path
+) -> None:
+    weights = model_copy / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_suffix(".bin"))
+    with pytest.raises(UnsafeWeightsError, match=r"diffusion_pytorch_model\.bin"):
+        publish(model_copy, parse_ref("s3://models/pickled@v1"))
+    publish(model_copy, parse_ref("s3://models/pickled@v1"), allow_pickle=True)
+
+    with pytest.raises(UnsafeWeightsError, match="unsafe_allow_pickle_weights"):
+        SnapshotCache(tmp_path / "cache").materialize("s3://models/pickled@v1", STAGE_COMPONENTS["denoiser"])
+    # Components without pickle files are unaffected, and the loud option lets the rest through.
+    SnapshotCache(tmp_path / "cache").materialize("s3://models/pickled@v1", STAGE_COMPONENTS["decoder"])
+    unsafe = SnapshotCache(tmp_path / "cache", allow_pickle=True)
+    assert (
+        unsafe.materialize("s3://models/pickled@v1", ("unet",)).path / "unet" / weights.with_suffix(".bin").name
+    ).exists()
+
+
+def test_s3_download_dropped_midway_resumes(
+    s3_env: S3Server, model_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publish(model_copy, parse_ref("s3://models/tiny@flaky"))
+    upstream = int(s3_env.url.rsplit(":", 1)[1])
+    # Cut the UNet weights (3 MB) after 1 MB, once.
+    proxy = DroppingProxy(upstream, after_bytes=1_000_000, drops=1)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    try:
+        cache = SnapshotCache(tmp_path / "cache", attempts=1)
+        with pytest.raises(RegistryError):
+            cache.materialize("s3://models/tiny@flaky", STAGE_COMPONENTS["denoiser"])
+        cid = content_id((model_copy / MANIFEST_NAME).read_bytes())
+        assert proxy.dropped == 1
+        assert not (tmp_path / "cache" / "snapshots" / cid / "unet").exists()  # nothing partial is visible
+
+        proxy.remaining = 1  # the next run is cut once more and still succeeds
+        snap = SnapshotCache(tmp_path / "cache", attempts=3).materialize("s3://models/tiny@flaky", ("unet",))
+        assert proxy.dropped == 2
+        assert (snap.path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == (
+            model_copy / "unet" / "diffusion_pytorch_model.safetensors"
+        ).read_bytes()
+    finally:
+        proxy.close()
+
+
+def test_hub_branch_is_pinned_to_its_commit(hub_env: HubServer, model_copy: Path, tmp_path: Path) -> None:
+    commit = hub_env.publish(model_copy, "acme/tiny")
+    cache = SnapshotCache(tmp_path / "cache")
+    snap = cache.materialize("hf://acme/tiny@main", STAGE_COMPONENTS["decoder"])
+    assert snap.report.pinned == f"hf://acme/tiny@{commit}"
+    assert {p.name for p in snap.path.iterdir()} == {"model_index.json", MANIFEST_NAME, "vae"}
+    assert snap.report.bytes_fetched == sizes(model_copy, ("vae",))
+
+    # A new commit on the branch is a new version; the old commit stays addressable.
+    (model_copy / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({**json.loads((model_copy / "scheduler" / "scheduler_config.json").read_text()), "note": 2})
+    )
+    second = hub_env.publish(model_copy, "acme/tiny")
+    assert cache.pin("hf://acme/tiny@main") == parse_ref(f"hf://acme/tiny@{second}")
+    old = cache.materialize(f"hf://acme/tiny@{commit}", STAGE_COMPONENTS["denoiser"])
+    assert old.report.version == snap.report.version
+
+
+def test_hub_unknown_revisions_and_offline_mode(
+    hub_env: HubServer, model_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    commit = hub_env.publish(model_copy, "acme/offline")
+    cache = SnapshotCache(tmp_path / "cache")
+    with pytest.raises(NotFoundError, match="no-such-branch"):
+        cache.materialize("hf://acme/offline@no-such-branch")
+    with pytest.raises(RegistryError):
+        cache.materialize("hf://acme/offline@" + "0" * 40)
+    cache.materialize("hf://acme/offline@main", STAGE_COMPONENTS["decoder"])
+
+    # Offline: no request reaches a hub; what was pinned and cached here is served, nothing else.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    point_hub_at(monkeypatch, "http://127.0.0.1:9")
+    snap = cache.materialize("hf://acme/offline@main", STAGE_COMPONENTS["decoder"])
+    assert snap.report.pinned == f"hf://acme/offline@{commit}" and snap.report.bytes_fetched == 0
+    with pytest.raises(RegistryError):
+        cache.materialize("hf://acme/offline@main", STAGE_COMPONENTS["denoiser"])  # never downloaded
+
+
+def test_hub_download_dropped_midway_recovers(
+    hub_env: HubServer, model_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+
+    hub_env.publish(model_copy, "acme/flaky")
+    proxy = DroppingProxy(int(hub_env.url.rsplit(":", 1)[1]), after_bytes=1_000_000, drops=1)
+    point_hub_at(monkeypatch, proxy.url)
+    try:
+        snap = SnapshotCache(tmp_path / "cache", attempts=3).materialize("hf://acme/flaky@main", ("unet",))
+        assert proxy.dropped == 1
+        assert SnapshotCache(tmp_path / "cache").verify("hf://acme/flaky@main") == []
+        assert (snap.path / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size == (
+            model_copy / "unet" / "diffusion_pytorch_model.safetensors"
+        ).stat().st_size
+    finally:
+        proxy.close()
+
+
+def test_replicas_resolving_one_snapshot_download_it_once(s3_env: S3Server, model_copy: Path, tmp_path: Path) -> None:
+    """Four processes pull the same snapshot into one cache at once: the server sees one download."""
+    publish(model_copy, parse_ref("s3://models/tiny@shared"))
+    weights = "tiny/shared/unet/diffusion_pytorch_model.safetensors"
+    before = s3_env.gets(weights)
+    code = (
+        "import json, sys; from models.registry import SnapshotCache; "
+        "s = SnapshotCache(sys.argv[1]).materialize('s3://models/tiny@shared', ('unet', 'scheduler')); "
+        "print(json.dumps({'path': str(s.path), 'fetched': s.report.bytes_fetched}))"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "cache")], stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert s3_env.gets(weights) - before == 1
+    assert len({r["path"] for r in results}) == 1
+    assert sorted(r["fetched"] > 0 for r in results) == [False, False, False, True]
