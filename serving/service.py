@@ -253,7 +253,8 @@ class GenerationService:
                     raise RuntimeError(f"stages loaded different versions of {pinned}: {sorted(versions)}")
                 state.versions[model.name] = versions.pop()
         except Exception as exc:
-            state.errors[model.name] = f"{model.source}: {type(exc).__name__}: {exc}"[:1000]
+            cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+            state.errors[model.name] = f"{type(cause).__name__}: {cause}"[:1000]
             logger.error("model %s: %s stays in service; %s failed: %s", model.name,
                          state.active.get(model.name), model.source, exc)  # fmt: skip
             return

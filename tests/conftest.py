@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.servers import HubServer, S3Server, hub_server, s3_server
 
 
 @pytest.fixture(scope="session")
@@ -12,3 +15,18 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from models.testmodels import create_test_model
 
     return create_test_model(tmp_path_factory.mktemp("models") / "tiny", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3-compatible server (moto) on loopback with a `models` bucket."""
+    with s3_server(tmp_path_factory.mktemp("s3")) as server:
+        server.client().create_bucket(Bucket="models")
+        yield server
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
+    """A Hugging Face hub (olah, offline mode) on loopback serving local git repositories."""
+    with hub_server(tmp_path_factory.mktemp("hub")) as server:
+        yield server

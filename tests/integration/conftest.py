@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from serving.config import AppConfig
+from tests.servers import HubServer, S3Server
 
 
 @dataclass
@@ -40,12 +41,17 @@ def tiny_config(model_dir: Path, outputs: Path, **overrides: object) -> AppConfi
 
 
 @pytest.fixture(scope="session")
-def live(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
+def live(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, s3: S3Server, hub: HubServer
+) -> Iterator[LiveService]:
     import ray
 
     from serving.local import free_port, start_local, stop_local
 
     config = tiny_config(tiny_model_dir, tmp_path_factory.mktemp("outputs"))
+    # Replicas reach the registry servers the way they would in a cluster: through the client libraries'
+    # environment, which Ray workers inherit from this process.
+    os.environ.update({**s3.env, "HF_ENDPOINT": hub.url})
     # Autoscaling decisions in seconds rather than tens of seconds (Serve reads these at start).
     os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
     os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"

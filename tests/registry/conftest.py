@@ -1,27 +1,13 @@
-"""Registry tests: real S3 (moto) and hub (olah) servers on loopback, one each per session."""
+"""Registry tests: the session's S3 (moto) and hub (olah) servers, pointed at from this process."""
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.servers import HubServer, S3Server, hub_server, s3_server
-
-
-@pytest.fixture(scope="session")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    with s3_server(tmp_path_factory.mktemp("s3")) as server:
-        server.client().create_bucket(Bucket="models")
-        yield server
-
-
-@pytest.fixture(scope="session")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
-    with hub_server(tmp_path_factory.mktemp("hub")) as server:
-        yield server
+from tests.servers import HubServer, S3Server
 
 
 @pytest.fixture
