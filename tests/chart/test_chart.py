@@ -140,10 +140,17 @@ def test_serve_config_matches_the_renderer(rendering: tuple[str, list[dict]]) ->
     _, docs = rendering
     chart_config = serve_config_of(docs)
     (app,) = chart_config["applications"]
-    config = AppConfig.model_validate(app["args"])  # the application accepts the chart's args
+    catalogs = [d["user_config"] for d in app["deployments"]]
+    assert all(c == catalogs[0] for c in catalogs) and catalogs[0]["models"]
+    # The application accepts the chart's args, and the catalog that every deployment gets as user_config.
+    config = AppConfig.model_validate({**app["args"], **catalogs[0]})
     expected = render_serve_config(config)
     normalised = json.loads(json.dumps(chart_config))
-    normalised["applications"][0]["args"] = config.to_args()
+    args = config.to_args()
+    del args["models"]
+    normalised["applications"][0]["args"] = args
+    for deployment in normalised["applications"][0]["deployments"]:
+        deployment["user_config"] = config.catalog()  # with the defaults filled in, as the renderer writes it
     assert normalised == expected
     assert "runtime_env" not in json.dumps(chart_config)
 

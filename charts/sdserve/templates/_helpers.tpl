@@ -69,11 +69,20 @@ The sdserve AppConfig the chart deploys: the user's `config`, plus each stage pi
 {{/* The Ray Serve config: the same structure `sdserve render-serve-config` writes. */}}
 {{- define "sdserve.serveConfig" -}}
 {{- $config := include "sdserve.appConfig" . | fromYaml }}
+{{- /* The model catalog is every deployment's user_config, not an arg: Serve applies a changed user_config
+     in place (reconfigure, a rollout without restarts) but restarts every replica when args change. */}}
+{{- $catalog := dict "models" (default list $config.models) }}
+{{- $_ := unset $config "models" }}
+{{- $deployments := list }}
+{{- range list "Ingress" "TextEncoder" "Denoiser" "Decoder" }}
+{{- $deployments = append $deployments (dict "name" . "user_config" $catalog) }}
+{{- end }}
 {{- $app := dict
   "name" (default "sdserve" $config.app_name)
   "route_prefix" (default "/" $config.route_prefix)
   "import_path" "serving.app:build_app"
   "args" $config
+  "deployments" $deployments
 }}
 {{- $serve := dict
   "proxy_location" "EveryNode"
