@@ -62,7 +62,7 @@ def create_api(service: GenerationService, outputs: OutputStore, metrics: ApiMet
         result = await service.generate(req)
         if body.response_format == "url":
             base = (config.outputs.public_base_url or str(request.base_url)).rstrip("/")
-            data = [ImageData(url=f"{base}/v1/images/{outputs.put(img, result.media_type)}") for img in result.images]
+            data = [ImageData(url=outputs.url(outputs.put(img, result.media_type), base)) for img in result.images]
         else:
             data = [ImageData(b64_json=base64.b64encode(img).decode("ascii")) for img in result.images]
         response = ImageGenerationResponse(

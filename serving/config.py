@@ -194,10 +194,23 @@ class OutputSpec(_Strict):
     """Where images returned as `url` are kept."""
 
     directory: str = Field(default="/tmp/sdserve/outputs", description="Local folder for generated images.")
+    store: str | None = Field(
+        default=None,
+        description="Object store for images instead of the folder, e.g. s3://bucket/images (presigned urls).",
+    )
     ttl_s: float = Field(default=3600.0, gt=0, description="Seconds an image stays downloadable.")
     public_base_url: str | None = Field(
         default=None, description="Base of returned urls (e.g. https://img.example.com); the request's host if unset."
     )
+
+    @field_validator("store")
+    @classmethod
+    def _known_store(cls, value: str | None) -> str | None:
+        from serving.outputs import OUTPUT_STORES
+
+        if value is not None and value.split("://", 1)[0] not in OUTPUT_STORES:
+            raise ValueError(f"unknown store {value!r}; use one of: {', '.join(f'{s}://' for s in OUTPUT_STORES)}")
+        return value
 
 
 class HttpSpec(_Strict):

@@ -10,7 +10,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serving.api import create_api
 from serving.config import AppConfig
-from serving.outputs import OutputStore
+from serving.outputs import open_output_store
 from serving.service import GenerationService
 
 
@@ -26,7 +26,8 @@ class IngressDeployment:
     ) -> None:
         self.config = AppConfig.model_validate(config)
         self.service = GenerationService(self.config, text_encoder, denoiser, decoder)
-        self.outputs = OutputStore(self.config.outputs.directory, self.config.outputs.ttl_s)
+        out = self.config.outputs
+        self.outputs = open_output_store(out.directory, out.store, out.ttl_s)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """The model catalog (Serve ``user_config``): new references are rolled out in the background."""

@@ -195,3 +195,20 @@ def test_rollout_under_load_drops_nothing(live: LiveService, s3: S3Server, tmp_p
         assert "v404" in ready["errors"]["m"]
         response = generate(url, "m")
         assert response.status_code == 200 and response.json()["model_version"] == v2
+
+
+def test_images_stored_in_s3_come_back_as_presigned_urls(live: LiveService, s3: S3Server, tmp_path: Path) -> None:
+    s3.client().create_bucket(Bucket="images")
+    base = tiny_config(live.model_dir, tmp_path / "outputs", app_name="s3out", route_prefix="/s3out")
+    config = AppConfig.model_validate({**base.to_args(), "outputs": {"store": "s3://images/generated", "ttl_s": 600}})
+    with config_app(live, config) as url:
+        body = {"prompt": "a kite", "size": "64x64", "steps": 2, "n": 2, "response_format": "url"}
+        response = httpx.post(f"{url}/v1/images/generations", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        urls = [d["url"] for d in response.json()["data"]]
+        assert all(u.startswith(s3.url + "/images/generated/") and "Signature=" in u for u in urls)
+        for image_url in urls:
+            image = httpx.get(image_url, timeout=30)
+            assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+        # The presigned url is what grants access: the same object without a signature is refused.
+        assert httpx.get(urls[0].split("?", 1)[0], timeout=30).status_code == 403
