@@ -205,3 +205,54 @@ def test_replicas_resolving_one_snapshot_download_it_once(s3_env: S3Server, mode
     assert s3_env.gets(weights) - before == 1
     assert len({r["path"] for r in results}) == 1
     assert sorted(r["fetched"] > 0 for r in results) == [False, False, False, True]
+
+
+def test_cli_push_pull_verify_list(s3_env: S3Server, model_copy: Path, tmp_path: Path) -> None:
+    import os
+
+    sdserve = str(Path(sys.executable).parent / "sdserve")
+    cache = str(tmp_path / "cache")
+    env = {**os.environ, **s3_env.env}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sdserve, *args], env=env, capture_output=True, text=True, timeout=120)
+
+    pushed = run("models", "push", str(model_copy), "s3://models/cli@v1")
+    assert pushed.returncode == 0, pushed.stderr
+    assert json.loads(pushed.stdout)["version"] == content_id((model_copy / MANIFEST_NAME).read_bytes())
+    pulled = run("models", "pull", "s3://models/cli@v1", "--stage", "decoder", "--cache-dir", cache)
+    assert pulled.returncode == 0, pulled.stderr
+    report = json.loads(pulled.stdout)
+    assert report["components"] == ["vae"] and report["bytes_fetched"] == sizes(model_copy, ("vae",))
+    assert "download" in pulled.stderr  # the progress bar
+    verified = run("models", "verify", "s3://models/cli@v1", "--cache-dir", cache)
+    assert verified.returncode == 0 and json.loads(verified.stdout)["ok"] is True
+    listed = run("models", "list", "--cache-dir", cache)
+    (entry,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert entry["pinned"] == "s3://models/cli@v1" and set(entry["components"]) >= {"vae", "unet"}
+    assert run("models", "list", "s3://models/cli").stdout.split() == ["s3://models/cli@v1"]
+
+    # Tamper with a cached file: verify says which one and fails.
+    cached = Path(report["path"]) / "vae" / "diffusion_pytorch_model.safetensors"
+    cached.chmod(0o644)
+    cached.write_bytes(cached.read_bytes()[:-1] + b"\0")
+    bad = run("models", "verify", "s3://models/cli@v1", "--cache-dir", cache)
+    assert bad.returncode == 1 and "vae/diffusion_pytorch_model.safetensors" in bad.stderr
+    refused = run("models", "pull", "s3://models/cli@v404", "--cache-dir", cache, "--quiet")
+    assert refused.returncode == 2 and "unknown version" in refused.stderr
+
+
+def test_lora_adapters_are_references_too(s3_env: S3Server, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file({"unet.down.lora_A.weight": torch.randn(4, 32)}, str(adapter / "pytorch_lora_weights.safetensors"))
+    publish(adapter, parse_ref("s3://models/loras/ink@v1"))
+    manifest = Manifest.from_bytes((adapter / MANIFEST_NAME).read_bytes(), "test")
+    assert manifest.kind == "lora"
+    snap = SnapshotCache(tmp_path / "cache").materialize("s3://models/loras/ink@v1")
+    assert (snap.path / "pytorch_lora_weights.safetensors").read_bytes() == (
+        adapter / "pytorch_lora_weights.safetensors"
+    ).read_bytes()
