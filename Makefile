@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv tools test lint typecheck unit demo serve k8s bench bench-gpu clean
+.PHONY: venv tools redis protos test lint typecheck unit demo serve k8s bench bench-gpu clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,16 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
+# Redis backs the job store; the tests start their own redis-server on a free loopback port.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+redis:
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
+	@redis-server --version
+
+# Regenerate the gRPC stubs in serving/generated from protos/ (a test fails when they drift).
+protos: venv
+	$(BIN)/python -m serving.protogen
+
 lint: venv
 	$(BIN)/ruff check serving models tests k8s benchmarks
 	$(BIN)/ruff format --check serving models tests k8s benchmarks
@@ -44,7 +54,7 @@ typecheck: venv
 unit: venv
 	$(BIN)/pytest tests/unit -q
 
-test: lint typecheck tools
+test: lint typecheck tools redis
 	$(BIN)/pytest -q
 
 demo: venv
