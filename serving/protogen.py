@@ -65,10 +65,14 @@ def generate(out: Path) -> list[Path]:
 
 
 def _fix_imports(text: str) -> str:
-    # `from sdserve.v1 import sdserve_pb2 as ...` -> `from serving.generated.sdserve.v1 import ...`
+    # `from sdserve.v1 import sdserve_pb2 as ...` -> `from serving.generated.sdserve.v1 import ...`, and the
+    # module name the message classes get (their __module__, which pickling in Ray needs to import).
     packages = {p.parent.relative_to(PROTO_ROOT).as_posix().replace("/", ".") for p in proto_files()}
     for package in packages:
         text = re.sub(rf"^from {re.escape(package)} import", f"from {PACKAGE}.{package} import", text, flags=re.M)
+        text = re.sub(
+            rf"(BuildTopDescriptorsAndMessages\(DESCRIPTOR, ')({re.escape(package)}\.)", rf"\g<1>{PACKAGE}.\g<2>", text
+        )
     return text
 
 
