@@ -36,6 +36,10 @@ class ApiError(Exception):
         self.param = param
         self.headers = headers or {}
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Ray pickles exceptions raised in replicas (gRPC calls end that way); keep every field.
+        return (type(self), (self.status, self.code, self.message, self.param, self.headers))
+
 
 def invalid(message: str, param: str | None = None) -> ApiError:
     return ApiError(422, "invalid_request", message, param)
