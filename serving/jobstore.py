@@ -171,9 +171,9 @@ class MemoryJobStore(JobStore):
         self._keys = {k: v for k, v in self._keys.items() if v in self._jobs}
 
     async def create(self, job: JobRecord) -> None:
-        self._expire()
-        self._jobs[job.id] = job.model_copy()
+        self._jobs[job.id] = job.model_copy()  # before expiring: an idempotency key may already name it
         self._events[job.id] = []
+        self._expire()
 
     async def get(self, job_id: str) -> JobRecord | None:
         job = self._jobs.get(job_id)
