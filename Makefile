@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv tools servers test lint typecheck unit demo serve k8s bench bench-gpu clean
+.PHONY: venv tools servers redis protos test lint typecheck unit demo serve k8s bench bench-gpu clean
 
 venv: $(STAMP)
 
@@ -46,6 +46,16 @@ $(SERVERS_STAMP): tests/servers/requirements.lock
 	$(SERVERS_VENV)/bin/pip install -q -r tests/servers/requirements.lock
 	touch $(SERVERS_STAMP)
 
+# Redis backs the job store; the tests start their own redis-server on a free loopback port.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+redis:
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
+	@redis-server --version
+
+# Regenerate the gRPC stubs in serving/generated from protos/ (a test fails when they drift).
+protos: venv
+	$(BIN)/python -m serving.protogen
+
 lint: venv
 	$(BIN)/ruff check serving models tests k8s benchmarks
 	$(BIN)/ruff format --check serving models tests k8s benchmarks
@@ -56,7 +66,7 @@ typecheck: venv
 unit: venv
 	$(BIN)/pytest tests/unit -q
 
-test: lint typecheck tools servers
+test: lint typecheck tools servers redis
 	$(BIN)/pytest -q
 
 demo: venv

@@ -65,6 +65,16 @@ class Latents:
 
 
 @dataclass(frozen=True)
+class DenoiseProgress:
+    """What the denoising stage reports after each step of a request (streamed before its ``Latents``)."""
+
+    step: int  # steps done so far
+    total_steps: int
+    preview: bytes | None = None  # low-resolution JPEG of the first image, when asked for
+    preview_media_type: str | None = None
+
+
+@dataclass(frozen=True)
 class DecodeParams:
     """How the decoding stage should encode its images."""
 

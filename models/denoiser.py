@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from models.contracts import DenoiseParams, Latents, PromptEmbeddings
+from models.contracts import DenoiseParams, DenoiseProgress, Latents, PromptEmbeddings
+from models.previews import PREVIEW_MEDIA_TYPE, latent_preview
 from models.schedulers import create_scheduler
 from models.snapshot import ModelSnapshot
 
@@ -207,6 +208,8 @@ class _Pending:
     job: DenoiseJob
     stage: DenoiserStage
     future: asyncio.Future[Latents]
+    on_progress: Callable[[DenoiseProgress], None] | None = None
+    preview: bool = False
 
 
 class StepBatcher:
@@ -235,10 +238,20 @@ class StepBatcher:
     def active(self) -> int:
         return len(self._running)
 
-    async def submit(self, stage: DenoiserStage, params: DenoiseParams, embeddings: PromptEmbeddings) -> Latents:
+    async def submit(
+        self,
+        stage: DenoiserStage,
+        params: DenoiseParams,
+        embeddings: PromptEmbeddings,
+        on_progress: Callable[[DenoiseProgress], None] | None = None,
+        preview: bool = False,
+    ) -> Latents:
+        """Denoise one request among the others; ``on_progress`` hears of each of its steps (on the event loop),
+        with a low-resolution preview when ``preview`` is set. Cancelling the caller stops the job before its
+        next step."""
         loop = asyncio.get_running_loop()
         job = await loop.run_in_executor(self.executor, stage.start, params, embeddings)
-        pending = _Pending(job, stage, loop.create_future())
+        pending = _Pending(job, stage, loop.create_future(), on_progress, preview)
         self._running.append(pending)
         self._wakeup.set()
         if self._task is None or self._task.done():
@@ -277,8 +290,11 @@ class StepBatcher:
                     await self._wakeup.wait()
                 continue
             stage = batch[0].stage
+            previews = [p.job for p in batch if p.preview]
             try:
-                finished = await loop.run_in_executor(self.executor, self._advance, stage, [p.job for p in batch])
+                finished, shown = await loop.run_in_executor(
+                    self.executor, self._advance, stage, [p.job for p in batch], previews
+                )
             except Exception as exc:  # a failed step fails the jobs in it, not the loop
                 logger.exception("denoising step failed for %d job(s)", len(batch))
                 for p in batch:
@@ -292,13 +308,22 @@ class StepBatcher:
             stepped = set(map(id, batch))
             self._running = [p for p in self._running if id(p) not in stepped] + batch
             for p in batch:
+                if p.on_progress is not None and not p.job.cancelled:
+                    image = shown.get(id(p.job))
+                    p.on_progress(
+                        DenoiseProgress(p.job.index, p.job.total_steps, image, PREVIEW_MEDIA_TYPE if image else None)
+                    )
                 result = finished.get(id(p.job))
                 if result is not None and not p.future.done():
                     p.future.set_result(result)
 
     @staticmethod
-    def _advance(stage: DenoiserStage, jobs: list[DenoiseJob]) -> dict[int, Latents]:
-        """One step for ``jobs``, then the results of those that finished (device-to-host copies included,
-        so the event loop never waits on the GPU)."""
+    def _advance(
+        stage: DenoiserStage, jobs: list[DenoiseJob], previews: list[DenoiseJob]
+    ) -> tuple[dict[int, Latents], dict[int, bytes]]:
+        """One step for ``jobs``, then the results of those that finished and the previews asked for
+        (device-to-host copies and JPEG encoding included, so the event loop never waits on them)."""
         stage.step(jobs)
-        return {id(job): stage.result(job) for job in jobs if job.done}
+        finished = {id(job): stage.result(job) for job in jobs if job.done}
+        shown = {id(job): image for job in previews if (image := latent_preview(job.latents)) is not None}
+        return finished, shown

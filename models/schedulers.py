@@ -17,24 +17,29 @@ class SchedulerSpec:
     class_name: str  # attribute of the ``diffusers`` package
     label: str  # the name AUTOMATIC1111 users know it by
     overrides: dict[str, Any] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()  # AUTOMATIC1111's other names for it (k-diffusion style)
 
 
 SCHEDULERS: dict[str, SchedulerSpec] = {
-    "euler": SchedulerSpec("EulerDiscreteScheduler", "Euler"),
-    "euler_a": SchedulerSpec("EulerAncestralDiscreteScheduler", "Euler a"),
-    "heun": SchedulerSpec("HeunDiscreteScheduler", "Heun"),
+    "euler": SchedulerSpec("EulerDiscreteScheduler", "Euler", aliases=("k_euler",)),
+    "euler_a": SchedulerSpec("EulerAncestralDiscreteScheduler", "Euler a", aliases=("k_euler_a", "k_euler_ancestral")),
+    "heun": SchedulerSpec("HeunDiscreteScheduler", "Heun", aliases=("k_heun",)),
     "ddim": SchedulerSpec("DDIMScheduler", "DDIM"),
-    "pndm": SchedulerSpec("PNDMScheduler", "PLMS", {"skip_prk_steps": True}),
+    "pndm": SchedulerSpec("PNDMScheduler", "PLMS", {"skip_prk_steps": True}, aliases=("plms",)),
     "dpmpp_2m": SchedulerSpec(
-        "DPMSolverMultistepScheduler", "DPM++ 2M", {"algorithm_type": "dpmsolver++", "solver_order": 2}
+        "DPMSolverMultistepScheduler",
+        "DPM++ 2M",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2},
+        aliases=("k_dpmpp_2m",),
     ),
     "dpmpp_2m_karras": SchedulerSpec(
         "DPMSolverMultistepScheduler",
         "DPM++ 2M Karras",
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+        aliases=("k_dpmpp_2m_ka",),
     ),
     "unipc": SchedulerSpec("UniPCMultistepScheduler", "UniPC"),
-    "lcm": SchedulerSpec("LCMScheduler", "LCM"),
+    "lcm": SchedulerSpec("LCMScheduler", "LCM", aliases=("k_lcm",)),
 }
 
 DEFAULT_SCHEDULER = "euler"

@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 import base64
+import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI, Header, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from models.schedulers import SCHEDULERS
+from serving.a1111 import A1111Api, create_router
 from serving.errors import ApiError, install_error_handlers
+from serving.jobs import JobManager, image_path
+from serving.jobstore import JobRecord
 from serving.metrics import ApiMetrics
 from serving.outputs import OutputStore
 from serving.schemas import (
+    ErrorDetail,
     ErrorResponse,
     ImageData,
     ImageGenerationRequest,
     ImageGenerationResponse,
+    JobImage,
+    JobImages,
+    JobProgress,
+    JobRequest,
+    JobResponse,
     ModelCard,
     ModelList,
 )
@@ -36,12 +46,48 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_api(service: GenerationService, outputs: OutputStore, metrics: ApiMetrics | None = None) -> FastAPI:
+def job_response(job: JobRecord, base_url: str) -> JobResponse:
+    """The REST view of a job record (image paths made absolute against ``base_url``)."""
+    result = None
+    if job.result is not None:
+        r = job.result
+        result = JobImages(
+            data=[JobImage(url=f"{base_url}{image_path(job.id, i)}") for i in range(r.images)],
+            model=r.model,
+            model_version=r.model_version,
+            seed=r.seed,
+            size=f"{r.width}x{r.height}",
+            steps=r.steps,
+            guidance_scale=r.guidance_scale,
+            scheduler=r.scheduler,
+            output_format=r.output_format,
+            timings_ms=r.timings_ms,
+        )
+    return JobResponse(
+        id=job.id,
+        state=job.state.value,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        progress=JobProgress(step=job.step, total_steps=job.total_steps),
+        result=result,
+        error=ErrorDetail(**job.error.model_dump()) if job.error else None,
+        events_url=f"{base_url}/v1/jobs/{job.id}/events",
+    )
+
+
+def create_api(
+    service: GenerationService,
+    outputs: OutputStore,
+    jobs: JobManager,
+    a1111: A1111Api,
+    metrics: ApiMetrics | None = None,
+) -> FastAPI:
     """Build the FastAPI app for one ingress replica (``metrics`` None: record none, e.g. outside Ray)."""
     app = FastAPI(
         title="sdserve",
         version="0.1.0",
-        description="Stable Diffusion serving: OpenAI Images API compatible text-to-image.",
+        description="Stable Diffusion serving: OpenAI Images API compatible text-to-image, asynchronous jobs "
+        "with live progress, and the AUTOMATIC1111 API subset.",
     )
     install_error_handlers(app, on_error=metrics.observe_error if metrics else None)
     config = service.config
@@ -56,12 +102,15 @@ def create_api(service: GenerationService, outputs: OutputStore, metrics: ApiMet
             metrics.observe_request(route, response.status_code, time.perf_counter() - started)
             return response
 
+    def base_url(request: Request) -> str:
+        return (config.outputs.public_base_url or str(request.base_url)).rstrip("/")
+
     @app.post("/v1/images/generations", response_model=ImageGenerationResponse, responses=_ERRORS)
     async def generate(body: ImageGenerationRequest, request: Request) -> JSONResponse:
         req = service.prepare(body)
         result = await service.generate(req)
         if body.response_format == "url":
-            base = (config.outputs.public_base_url or str(request.base_url)).rstrip("/")
+            base = base_url(request)
             data = [ImageData(url=outputs.url(outputs.put(img, result.media_type), base)) for img in result.images]
         else:
             data = [ImageData(b64_json=base64.b64encode(img).decode("ascii")) for img in result.images]
@@ -91,6 +140,61 @@ def create_api(service: GenerationService, outputs: OutputStore, metrics: ApiMet
         data, media_type = found
         return Response(content=data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
 
+    @app.post("/v1/jobs", status_code=202, response_model=JobResponse, responses=_ERRORS)
+    async def submit_job(
+        body: JobRequest,
+        request: Request,
+        idempotency_key: str | None = Header(default=None, max_length=256),
+    ) -> JSONResponse:
+        """Start a generation and answer at once (202); follow it at `events_url` or poll `GET /v1/jobs/{id}`."""
+        job, created = await jobs.submit(body, idempotency_key)
+        headers = {"Location": f"/v1/jobs/{job.id}"}
+        if not created:
+            headers["Idempotent-Replayed"] = "true"
+        content = job_response(job, base_url(request)).model_dump(mode="json")
+        return JSONResponse(content, status_code=202, headers=headers)
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobResponse, responses={404: _ERRORS[404]})
+    async def get_job(job_id: str, request: Request) -> JobResponse:
+        return job_response(await jobs.get(job_id), base_url(request))
+
+    @app.delete("/v1/jobs/{job_id}", response_model=JobResponse, responses={404: _ERRORS[404]})
+    async def cancel_job(job_id: str, request: Request) -> JobResponse:
+        """Cancel a job: the denoiser drops it before its next step. A finished job is left as it is."""
+        return job_response(await jobs.cancel(job_id), base_url(request))
+
+    @app.get("/v1/jobs/{job_id}/events", responses={404: _ERRORS[404]}, response_class=StreamingResponse)
+    async def job_events(
+        job_id: str, last_event_id: str | None = Header(default=None, max_length=64)
+    ) -> StreamingResponse:
+        """Server-Sent Events: `queued`, `step` (with `preview` when asked for), then `done`, `failed` or
+        `cancelled`. Reconnect with `Last-Event-ID` to resume after the last event seen."""
+        events = jobs.events(job_id, last_event_id)
+        first = await anext(events)  # a missing job is a 404 here, before the stream starts
+
+        async def stream() -> AsyncIterator[str]:
+            item = first
+            while True:
+                if item is None:
+                    yield ": keep-alive\n\n"
+                else:
+                    event_id, event = item
+                    yield f"id: {event_id}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
+                try:
+                    item = await anext(events)
+                except StopAsyncIteration:
+                    return
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+    @app.get("/v1/jobs/{job_id}/images/{index}", responses={404: _ERRORS[404]})
+    async def job_image(job_id: str, index: int) -> Response:
+        data, media_type = await jobs.image(job_id, index)
+        return Response(content=data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
+
+    app.include_router(create_router(a1111))
+
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:
         states = service.models.describe()
@@ -112,7 +216,11 @@ def create_api(service: GenerationService, outputs: OutputStore, metrics: ApiMet
     @app.get("/v1/status")
     async def status() -> dict[str, Any]:
         """Running replicas per deployment (for dashboards and the load generator)."""
-        return {"application": config.app_name, "replicas": await service.replica_counts()}
+        return {
+            "application": config.app_name,
+            "replicas": await service.replica_counts(),
+            "job_store": jobs.store.description,
+        }
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

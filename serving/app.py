@@ -92,6 +92,16 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     return app
 
 
+def grpc_options(config: AppConfig) -> dict[str, Any] | None:
+    """Serve's ``grpc_options`` for ``config`` (None when gRPC is off): the proxy port and the servicer
+    functions it registers (sdserve.v1.ImageGeneration and grpc.health.v1.Health; reflection is Serve's own)."""
+    from serving.grpc_api import SERVICER_FUNCTIONS
+
+    if not config.grpc.enabled:
+        return None
+    return {"port": config.grpc.port, "grpc_servicer_functions": list(SERVICER_FUNCTIONS)}
+
+
 def render_serve_config(config: AppConfig) -> dict[str, Any]:
     """The Ray Serve config file (``serve run`` / ``serve deploy`` / RayService ``serveConfigV2``).
 
@@ -100,9 +110,11 @@ def render_serve_config(config: AppConfig) -> dict[str, Any]:
     """
     args = config.to_args()
     catalog = {"models": args.pop("models")}
+    grpc = grpc_options(config)
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": config.http.host, "port": config.http.port},
+        **({"grpc_options": grpc} if grpc else {}),
         "applications": [
             {
                 "name": config.app_name,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -213,6 +214,43 @@ class OutputSpec(_Strict):
         return value
 
 
+class JobsSpec(_Strict):
+    """Asynchronous jobs (POST /v1/jobs, gRPC GenerateStream): where they are kept and for how long."""
+
+    store_url: str = Field(
+        default="memory://",
+        description="Job store. memory:// keeps jobs in the ingress replica (lost when it restarts, not shared "
+        "between replicas); redis://host:port/db shares them and keeps them across restarts "
+        "(password from SDSERVE_REDIS_PASSWORD).",
+    )
+    ttl_s: float = Field(default=86400.0, gt=0, description="Seconds a job, its events and images are kept.")
+    lease_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A running job whose ingress replica stopped renewing its lease this long ago is failed "
+        "with job_lost.",
+    )
+    key_prefix: str = Field(default="sdserve", description="Prefix of the job store's Redis keys.")
+    keepalive_s: float = Field(default=15.0, gt=0, description="Seconds between SSE keep-alive comments.")
+
+    @field_validator("store_url")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        from serving.jobstore import JOB_STORES
+
+        scheme = urlsplit(value).scheme
+        if scheme not in JOB_STORES:
+            raise ValueError(f"unknown job store scheme {scheme!r}; use one of {sorted(JOB_STORES)}")
+        return value
+
+
+class GrpcSpec(_Strict):
+    """Serve's gRPC proxy (the sdserve.v1 ImageGeneration service, health and reflection)."""
+
+    enabled: bool = Field(default=True, description="Serve gRPC (grpc_options in the Serve config).")
+    port: int = Field(default=9000, ge=1, le=65535, description="Listen port of the gRPC proxy.")
+
+
 class HttpSpec(_Strict):
     """Where Serve's HTTP proxy listens."""
 
@@ -227,6 +265,7 @@ class AppConfig(_Strict):
     route_prefix: str = Field(default="/", description="HTTP route prefix of the application.")
     models: list[ModelSpec] = Field(default_factory=list, description="Model catalog; the first is the default.")
     http: HttpSpec = Field(default_factory=HttpSpec, description="HTTP proxy settings.")
+    grpc: GrpcSpec = Field(default_factory=GrpcSpec, description="gRPC proxy settings.")
     ingress: IngressSpec = Field(default_factory=IngressSpec, description="Ingress deployment.")
     text_encoder: TextEncoderSpec = Field(default_factory=TextEncoderSpec, description="Text-encoding stage.")
     denoiser: DenoiserSpec = Field(default_factory=DenoiserSpec, description="Denoising stage.")
@@ -235,6 +274,7 @@ class AppConfig(_Strict):
     defaults: DefaultsSpec = Field(default_factory=DefaultsSpec, description="Request defaults.")
     outputs: OutputSpec = Field(default_factory=OutputSpec, description="Storage for url responses.")
     registry: RegistrySpec = Field(default_factory=RegistrySpec, description="Model snapshot cache and rollout.")
+    jobs: JobsSpec = Field(default_factory=JobsSpec, description="Asynchronous jobs.")
 
     @model_validator(mode="after")
     def _consistent(self) -> AppConfig:

@@ -10,3 +10,6 @@ SDSERVE_HOME = Path(os.environ.get("SDSERVE_HOME", Path.home() / ".cache" / "sds
 
 # Log level of the sdserve loggers (DEBUG, INFO, WARNING, ...).
 SDSERVE_LOG_LEVEL = os.environ.get("SDSERVE_LOG_LEVEL", "INFO").upper()
+
+# Password of the Redis job store when jobs.store_url carries none (keep it out of the config).
+SDSERVE_REDIS_PASSWORD = os.environ.get("SDSERVE_REDIS_PASSWORD") or None

@@ -7,7 +7,7 @@ parser. ``ApiError`` carries the HTTP status; the gRPC adapter maps the same cod
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -36,9 +36,23 @@ class ApiError(Exception):
         self.param = param
         self.headers = headers or {}
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Ray pickles exceptions raised in replicas (gRPC calls end that way); keep every field.
+        return (type(self), (self.status, self.code, self.message, self.param, self.headers))
+
 
 def invalid(message: str, param: str | None = None) -> ApiError:
     return ApiError(422, "invalid_request", message, param)
+
+
+def validation_error(errors: Sequence[Any]) -> ApiError:
+    """A 422 from pydantic's error list (request bodies over REST, request messages over gRPC)."""
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    message = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}" for e in errors
+    )
+    return invalid(message or "invalid request", ".".join(loc) or None)
 
 
 def error_body(code: str, message: str, param: str | None = None) -> dict[str, Any]:
@@ -66,13 +80,7 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[str], None] | None 
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        message = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}" for e in errors
-        )
-        return error_response(invalid(message or "invalid request", ".".join(loc) or None))
+        return error_response(validation_error(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

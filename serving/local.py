@@ -47,8 +47,12 @@ def reserved_cpus(config: AppConfig) -> float:
     return sum(s.resources.num_cpus * s.autoscaling.max_replicas for s in sections)
 
 
-def start_local(config: AppConfig, host: str | None = None, port: int | None = None) -> str:
+def start_local(
+    config: AppConfig, host: str | None = None, port: int | None = None, grpc_port: int | None = None
+) -> str:
     """Start Ray and Serve in this process and deploy the app; return its base URL once every stage is up.
+
+    With gRPC enabled, Serve's gRPC proxy listens on ``grpc_port`` (default: the config's ``grpc.port``).
 
     Ray's CPU count here is logical: replicas of all stages share the machine's cores, so at least as many
     logical CPUs as the deployments reserve are advertised.
@@ -56,7 +60,7 @@ def start_local(config: AppConfig, host: str | None = None, port: int | None = N
     import ray
     from ray import serve
 
-    from serving.app import build_app
+    from serving.app import build_app, grpc_options
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     host = host or config.http.host
@@ -64,7 +68,10 @@ def start_local(config: AppConfig, host: str | None = None, port: int | None = N
     if not ray.is_initialized():
         num_cpus = max(os.cpu_count() or 1, int(reserved_cpus(config) + 0.999) + 1)
         ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
-    serve.start(http_options={"host": host, "port": port})
+    grpc = grpc_options(config)
+    if grpc is not None and grpc_port is not None:
+        grpc["port"] = grpc_port
+    serve.start(http_options={"host": host, "port": port}, grpc_options=grpc)
     serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=False)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return f"http://{shown}:{port}"

@@ -118,3 +118,48 @@ class ErrorResponse(BaseModel):
     """The one error shape every failure uses."""
 
     error: ErrorDetail
+
+
+class JobRequest(ImageGenerationRequest):
+    """``POST /v1/jobs``: the same fields as ``POST /v1/images/generations``, plus ``preview``. Results are
+    always served as urls (``response_format`` is ignored)."""
+
+    preview: bool = Field(default=False, description="Attach a low-resolution preview to each step event.")
+
+
+class JobProgress(BaseModel):
+    step: int = Field(description="Denoising steps done.")
+    total_steps: int
+
+
+class JobImage(BaseModel):
+    url: str
+
+
+class JobImages(BaseModel):
+    """What a succeeded job made: image urls and the settings that reproduce them."""
+
+    data: list[JobImage]
+    model: str
+    model_version: str
+    seed: int
+    size: str
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    output_format: str
+    timings_ms: dict[str, float]
+
+
+class JobResponse(BaseModel):
+    """A job's state (``GET /v1/jobs/{id}``, and the answer to a submit or a cancel)."""
+
+    id: str
+    object: Literal["job"] = "job"
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    created_at: float
+    updated_at: float
+    progress: JobProgress
+    result: JobImages | None = None
+    error: ErrorDetail | None = None
+    events_url: str

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 
-from models.contracts import DenoiseParams, Latents, PromptEmbeddings
+from models.contracts import DenoiseParams, DenoiseProgress, Latents, PromptEmbeddings
 from serving.deployments.common import StageReplica
 
 
@@ -30,6 +32,31 @@ class DenoiserDeployment(StageReplica):
         with self.metrics.request():
             result: Latents = await self.batcher.submit(stage, params, embeddings)
         return result
+
+    async def denoise_stream(
+        self, embeddings: PromptEmbeddings, params: DenoiseParams, preview: bool = False
+    ) -> AsyncIterator[DenoiseProgress | Latents]:
+        """``denoise`` that reports as it goes: a ``DenoiseProgress`` after every step, then the ``Latents``.
+
+        Call it through a streaming handle (``handle.options(stream=True)``). When the caller cancels the
+        stream, the job leaves the batch before its next step.
+        """
+        params = self.pinned(params, await self.resolve(params.model, params.ref))
+        stage = self.runtime.get(params.model, params.ref)
+        progress: asyncio.Queue[DenoiseProgress] = asyncio.Queue()
+        with self.metrics.request():
+            task = asyncio.ensure_future(self.batcher.submit(stage, params, embeddings, progress.put_nowait, preview))
+            try:
+                while not task.done() or not progress.empty():
+                    getter = asyncio.ensure_future(progress.get())
+                    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter.done():
+                        yield getter.result()
+                    else:
+                        getter.cancel()
+                yield task.result()
+            finally:
+                task.cancel()  # a no-op once finished; otherwise the batcher drops the job
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()

@@ -1,17 +1,33 @@
-"""Ingress deployment: the FastAPI app, built per replica around one ``GenerationService``."""
+"""Ingress deployment: the FastAPI app and the gRPC methods, built per replica around one service layer.
+
+Serve's HTTP proxy hands HTTP requests to the FastAPI app; its gRPC proxy calls the method named like the RPC
+(``Generate``, ``GenerateStream``, ..., and ``Check`` / ``Watch`` of the standard health service).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI
+from grpc_health.v1 import health_pb2
 from ray import serve
+from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
+from serving.a1111 import A1111Api
 from serving.api import create_api
 from serving.config import AppConfig
+from serving.generated.sdserve.v1 import sdserve_pb2 as pb
+from serving.grpc_api import GrpcApi, set_status
+from serving.jobs import JobManager
+from serving.jobstore import open_job_store
 from serving.outputs import open_output_store
 from serving.service import GenerationService
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @serve.deployment(name="Ingress")
@@ -28,6 +44,11 @@ class IngressDeployment:
         self.service = GenerationService(self.config, text_encoder, denoiser, decoder)
         out = self.config.outputs
         self.outputs = open_output_store(out.directory, out.store, out.ttl_s)
+        store = open_job_store(self.config.jobs)
+        (logger.info if store.shared else logger.warning)("job store: %s", store.description)
+        self.jobs = JobManager(self.service, store, self.config.jobs)
+        self.a1111 = A1111Api(self.service)
+        self.grpc = GrpcApi(self.service, self.jobs)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """The model catalog (Serve ``user_config``): new references are rolled out in the background."""
@@ -37,4 +58,57 @@ class IngressDeployment:
         # Called by Serve after __init__: routes close over this replica's service.
         from serving.metrics import api_metrics
 
-        return create_api(self.service, self.outputs, api_metrics())
+        return create_api(self.service, self.outputs, self.jobs, self.a1111, api_metrics())
+
+    async def __del__(self) -> None:
+        # Serve calls this on graceful shutdown: jobs still running here end as failed (job_lost).
+        await self.jobs.stop()
+
+    # -- gRPC (sdserve.v1.ImageGeneration) ---------------------------------------------------------------------
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
+        return await _unary(self.grpc.generate(request), grpc_context)
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
+    ) -> AsyncIterator[pb.GenerateEvent]:
+        try:
+            async for event in self.grpc.generate_stream(request):
+                yield event
+        except BaseException as exc:
+            set_status(grpc_context, exc)
+            raise
+
+    async def GetJob(self, request: pb.GetJobRequest, grpc_context: RayServegRPCContext) -> pb.Job:
+        return await _unary(self.grpc.get_job(request), grpc_context)
+
+    async def CancelJob(self, request: pb.CancelJobRequest, grpc_context: RayServegRPCContext) -> pb.Job:
+        return await _unary(self.grpc.cancel_job(request), grpc_context)
+
+    async def ListModels(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
+        return self.grpc.list_models()
+
+    # -- gRPC (grpc.health.v1.Health) --------------------------------------------------------------------------
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
+    ) -> health_pb2.HealthCheckResponse:
+        return await _unary(self.grpc.health(request), grpc_context)
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        try:
+            async for status in self.grpc.watch_health(request):
+                yield status
+        except BaseException as exc:
+            set_status(grpc_context, exc)
+            raise
+
+
+async def _unary(call: Awaitable[T], grpc_context: RayServegRPCContext) -> T:
+    try:
+        return await call
+    except BaseException as exc:
+        set_status(grpc_context, exc)
+        raise

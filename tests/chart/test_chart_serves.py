@@ -32,7 +32,8 @@ def test_rendered_serve_config_generates_an_image(tiny_model_dir: Path, tmp_path
     (service,) = [d for d in docs if d["kind"] == "RayService"]
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
     port = free_port()
-    serve_config["http_options"]["port"] = port  # the only change: a free port instead of 8000
+    serve_config["http_options"]["port"] = port  # the only changes: free ports instead of 8000 and 9000
+    serve_config["grpc_options"]["port"] = free_port()
     config_file = tmp_path / "serve.yaml"
     config_file.write_text(yaml.safe_dump(serve_config))
 

@@ -21,9 +21,14 @@ class LiveService:
     config: AppConfig
     model_dir: Path
     metrics_url: str
+    grpc_target: str  # host:port of Serve's gRPC proxy
 
     def client(self, timeout: float = 120.0) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout)
+
+    def grpc_metadata(self, app_name: str | None = None) -> tuple[tuple[str, str], ...]:
+        """Serve's gRPC proxy routes by the `application` metadata when several applications run."""
+        return (("application", app_name or self.config.app_name),)
 
 
 def tiny_config(model_dir: Path, outputs: Path, **overrides: object) -> AppConfig:
@@ -60,13 +65,54 @@ def live(
     ray.init(
         num_cpus=16, num_gpus=4, include_dashboard=False, configure_logging=False, _metrics_export_port=metrics_port
     )
-    url = start_local(config, host="127.0.0.1", port=free_port())
+    grpc_port = free_port()
+    url = start_local(config, host="127.0.0.1", port=free_port(), grpc_port=grpc_port)
     try:
         yield LiveService(
-            url=url, config=config, model_dir=tiny_model_dir, metrics_url=f"http://127.0.0.1:{metrics_port}/metrics"
+            url=url,
+            config=config,
+            model_dir=tiny_model_dir,
+            metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+            grpc_target=f"127.0.0.1:{grpc_port}",
         )
     finally:
         stop_local()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server (Debian's, installed by `make redis`) on a free loopback port, without persistence."""
+    import shutil
+    import subprocess
+    import time
+
+    import redis
+
+    from serving.local import free_port
+
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is not installed; run `make redis`"
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(host="127.0.0.1", port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline and process.poll() is None, "redis-server did not start"
+            time.sleep(0.05)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        client.close()
+        process.terminate()
+        process.wait(timeout=10)
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -73,3 +74,26 @@ def test_batch_limit_is_respected(parts) -> None:  # type: ignore[no-untyped-def
 
     batcher = asyncio.run(run())
     assert max(batcher.batch_sizes) <= 3
+
+
+def test_progress_reports_every_step_with_previews_on_request(parts) -> None:  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    denoiser, emb = parts
+    seen: dict[str, list] = {"plain": [], "preview": []}
+
+    async def run():  # type: ignore[no-untyped-def]
+        batcher = StepBatcher(ThreadPoolExecutor(1), max_batch_size=8)
+        await asyncio.gather(
+            batcher.submit(denoiser, DenoiseParams("tiny", 64, 64, 3, 5.0, "euler", 1), emb, seen["plain"].append),
+            batcher.submit(
+                denoiser, DenoiseParams("tiny", 96, 64, 4, 5.0, "euler", 2), emb, seen["preview"].append, preview=True
+            ),
+        )
+
+    asyncio.run(run())
+    assert [(p.step, p.total_steps, p.preview) for p in seen["plain"]] == [(1, 3, None), (2, 3, None), (3, 3, None)]
+    assert [(p.step, p.total_steps) for p in seen["preview"]] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    image = Image.open(io.BytesIO(seen["preview"][-1].preview))
+    assert image.format == "JPEG" and image.size == (64 // 8, 96 // 8)  # (width, height) of a 96-high, 64-wide request
+    assert seen["preview"][-1].preview_media_type == "image/jpeg"

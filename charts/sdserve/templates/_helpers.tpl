@@ -53,6 +53,7 @@ The sdserve AppConfig the chart deploys: the user's `config`, plus each stage pi
 {{- define "sdserve.appConfig" -}}
 {{- $pins := dict
   "http" (dict "host" "0.0.0.0" "port" (int .Values.service.httpPort))
+  "grpc" (dict "enabled" .Values.grpc.enabled "port" (int .Values.service.grpcPort))
   "ingress" (dict "resources" (dict "resources" (dict "sdserve_head" 1)))
   "outputs" (dict "directory" "/tmp/sdserve/outputs")
 }}
@@ -89,6 +90,15 @@ The sdserve AppConfig the chart deploys: the user's `config`, plus each stage pi
   "http_options" (dict "host" "0.0.0.0" "port" (int .Values.service.httpPort))
   "applications" (list $app)
 }}
+{{- if .Values.grpc.enabled }}
+{{- /* The servicer functions are serving.grpc_api.SERVICER_FUNCTIONS; tests/chart checks they agree. */}}
+{{- $_ := set $serve "grpc_options" (dict
+  "port" (int .Values.service.grpcPort)
+  "grpc_servicer_functions" (list
+    "serving.generated.sdserve.v1.sdserve_pb2_grpc.add_ImageGenerationServicer_to_server"
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server")
+) }}
+{{- end }}
 {{- toYaml $serve }}
 {{- end }}
 

@@ -1,0 +1,212 @@
+"""gRPC adapter (``sdserve.v1.ImageGeneration`` and ``grpc.health.v1.Health``) over the same service layer.
+
+Ray Serve's gRPC proxy routes each call by its method name to the method of that name on the application's
+ingress deployment (``IngressDeployment.Generate`` ...), which hands it here. Requests are checked by the same
+pydantic models as REST, and errors carry the same codes, mapped to gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+from pydantic import ValidationError
+
+from serving.errors import ApiError, invalid, validation_error
+from serving.generated.sdserve.v1 import sdserve_pb2 as pb
+from serving.jobs import JobManager
+from serving.jobstore import JobRecord, JobState
+from serving.schemas import JobRequest
+from serving.service import GenerationService
+
+# What Serve's gRPC proxy registers (the `grpc_servicer_functions` of the Serve config). They are imported in
+# the proxy actor on every node, so they live in this installed package, not in a generated path.
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageGeneration"].full_name
+SERVICER_FUNCTIONS = [
+    "serving.generated.sdserve.v1.sdserve_pb2_grpc.add_ImageGenerationServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+
+# Error code (the REST `error.code`) -> gRPC status; codes not listed fall back on their HTTP status.
+STATUS_BY_CODE: dict[str, grpc.StatusCode] = {
+    "invalid_request": grpc.StatusCode.INVALID_ARGUMENT,
+    "idempotency_key_reused": grpc.StatusCode.INVALID_ARGUMENT,
+    "model_not_found": grpc.StatusCode.NOT_FOUND,
+    "job_not_found": grpc.StatusCode.NOT_FOUND,
+    "overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "stage_unavailable": grpc.StatusCode.UNAVAILABLE,
+    "timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "job_lost": grpc.StatusCode.ABORTED,
+    "cancelled": grpc.StatusCode.CANCELLED,
+}
+STATUS_BY_HTTP: dict[int, grpc.StatusCode] = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.FAILED_PRECONDITION,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+JOB_STATES = {state: pb.JobState.Value(f"JOB_STATE_{state.name}") for state in JobState}
+
+
+def grpc_status(err: ApiError) -> grpc.StatusCode:
+    return STATUS_BY_CODE.get(err.code, STATUS_BY_HTTP.get(err.status, grpc.StatusCode.INTERNAL))
+
+
+def set_status(grpc_context: Any, exc: BaseException) -> None:
+    """Put an ``ApiError``'s status on the call; Serve's proxy sends it when the method then raises."""
+    if isinstance(exc, ApiError) and grpc_context is not None:
+        grpc_context.set_code(grpc_status(exc))
+        grpc_context.set_details(f"{exc.code}: {exc.message}")
+
+
+def to_request(msg: pb.GenerateRequest) -> JobRequest:
+    """The REST request model from a GenerateRequest, checked by the same validators."""
+    fields: dict[str, Any] = {"prompt": msg.prompt, "n": msg.n or 1, "preview": msg.preview}
+    for name in ("model", "negative_prompt", "steps", "seed", "scheduler", "output_format"):
+        if msg.HasField(name):
+            fields[name] = getattr(msg, name)
+    if msg.HasField("guidance_scale"):
+        fields["guidance_scale"] = round(msg.guidance_scale, 4)  # float32 on the wire
+    if msg.HasField("quality"):
+        fields["output_compression"] = msg.quality
+    if msg.HasField("width") != msg.HasField("height"):
+        raise invalid("set both width and height, or neither", "width" if not msg.HasField("width") else "height")
+    if msg.HasField("width"):
+        fields["size"] = f"{msg.width}x{msg.height}"
+    if msg.user:
+        fields["user"] = msg.user
+    try:
+        return JobRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from exc
+
+
+class GrpcApi:
+    """The RPCs, transport-side only: messages in, messages out, errors as ``ApiError``."""
+
+    def __init__(self, service: GenerationService, jobs: JobManager) -> None:
+        self.service = service
+        self.jobs = jobs
+
+    async def generate(self, msg: pb.GenerateRequest) -> pb.GenerateResponse:
+        body = to_request(msg)
+        req = self.service.prepare(body)
+        result = await self.service.generate(req)
+        return pb.GenerateResponse(
+            images=[pb.Image(data=img, media_type=result.media_type) for img in result.images],
+            model=req.model,
+            model_version=result.model_version,
+            seed=req.seed,
+            width=req.width,
+            height=req.height,
+            steps=req.steps,
+            guidance_scale=req.guidance_scale,
+            scheduler=req.scheduler,
+            timings_ms=result.timings_ms,
+        )
+
+    async def generate_stream(self, msg: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]:
+        """Run the request as a job and stream its events. A caller that goes away cancels the job."""
+        job, _ = await self.jobs.submit(to_request(msg))
+        finished = False
+        try:
+            async for item in self.jobs.events(job.id):
+                if item is None:
+                    continue
+                _, event = item
+                kind = event["type"]
+                if kind == "queued":
+                    yield pb.GenerateEvent(job_id=job.id, queued=pb.Queued(position=event["position"]))
+                elif kind == "step":
+                    yield pb.GenerateEvent(job_id=job.id, progress=_progress(event))
+                elif kind == "done":
+                    finished = True
+                    done = await self.jobs.get(job.id)
+                    yield pb.GenerateEvent(job_id=job.id, result=await self._result(done))
+                else:
+                    finished = True
+                    error = event.get("error") or {"code": "cancelled", "message": "the job was cancelled"}
+                    raise ApiError(500, error["code"], error["message"])
+        finally:
+            if not finished:
+                # Not awaited: this generator may be closing because its own task was cancelled.
+                task = asyncio.ensure_future(self.jobs.cancel(job.id))
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def get_job(self, msg: pb.GetJobRequest) -> pb.Job:
+        return await self._job(await self.jobs.get(msg.job_id))
+
+    async def cancel_job(self, msg: pb.CancelJobRequest) -> pb.Job:
+        return await self._job(await self.jobs.cancel(msg.job_id))
+
+    def list_models(self) -> pb.ListModelsResponse:
+        models = self.service.models.specs.values()
+        return pb.ListModelsResponse(models=[pb.Model(id=m.name, description=m.description) for m in models])
+
+    async def health(self, msg: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:
+        """SERVING when every stage answers; the service name is "" (the whole server) or ImageGeneration."""
+        if msg.service not in ("", SERVICE_NAME):
+            raise ApiError(404, "not_found", f"unknown service {msg.service!r}")
+        stages = await self.service.describe_stages()
+        ready = all(info["ready"] for info in stages.values())
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def watch_health(
+        self, msg: health_pb2.HealthCheckRequest, period_s: float = 5.0
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        """The status now, then again whenever it changes (checked every ``period_s``)."""
+        last = None
+        while True:
+            current = await self.health(msg)
+            if current.status != last:
+                last = current.status
+                yield current
+            await asyncio.sleep(period_s)
+
+    async def _job(self, job: JobRecord) -> pb.Job:
+        out = pb.Job(
+            id=job.id,
+            state=JOB_STATES[job.state],
+            step=job.step,
+            total_steps=job.total_steps,
+            created_at=job.created_at,
+            updated_at=job.updated_at,
+        )
+        if job.error is not None:
+            out.error.CopyFrom(pb.JobError(code=job.error.code, message=job.error.message))
+        if job.result is not None:
+            out.result.CopyFrom(await self._result(job))
+        return out
+
+    async def _result(self, job: JobRecord) -> pb.GenerateResponse:
+        r = job.result
+        if r is None:
+            raise ApiError(500, "internal_error", "the job has no result")
+        images = await self.jobs.images(job)
+        return pb.GenerateResponse(
+            images=[pb.Image(data=img, media_type=r.media_type) for img in images],
+            model=r.model,
+            model_version=r.model_version,
+            seed=r.seed,
+            width=r.width,
+            height=r.height,
+            steps=r.steps,
+            guidance_scale=r.guidance_scale,
+            scheduler=r.scheduler,
+            timings_ms=r.timings_ms,
+        )
+
+
+def _progress(event: dict[str, Any]) -> pb.Progress:
+    progress = pb.Progress(step=event["step"], total_steps=event["total_steps"])
+    if event.get("preview"):
+        progress.preview = base64.b64decode(event["preview"])
+        progress.preview_media_type = event["preview_media_type"]
+    return progress

@@ -1,0 +1,360 @@
+"""Where asynchronous jobs live: their records, event logs and result images, all expiring after a TTL.
+
+A store is chosen by the scheme of ``jobs.store_url`` from ``JOB_STORES`` (one row per kind):
+
+- ``memory://`` (the default) keeps everything in the ingress replica's process: nothing to run, but jobs
+  are lost when the replica restarts and are not visible to other ingress replicas.
+- ``redis://`` / ``rediss://`` keeps everything in Redis: every ingress replica sees every job, and jobs and
+  their images survive ingress restarts until they expire.
+
+The store is passive: ``serving.jobs.JobManager`` decides what is written when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    from serving.config import JobsSpec
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobResult(BaseModel):
+    """What a succeeded job made (the images themselves are stored beside the record)."""
+
+    images: int
+    media_type: str
+    model: str
+    model_version: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    output_format: str
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+
+
+class JobRecord(BaseModel):
+    """One job as stored."""
+
+    id: str
+    state: JobState = JobState.QUEUED
+    created_at: float
+    updated_at: float
+    request: dict[str, Any] = Field(description="The request as submitted (only the fields that were set).")
+    request_hash: str = Field(description="Hash of `request`, to tell a retried submit from a different one.")
+    idempotency_key: str | None = None
+    preview: bool = False
+    step: int = 0
+    total_steps: int = 0
+    result: JobResult | None = None
+    error: JobError | None = None
+
+
+Event = tuple[str, dict[str, Any]]  # (event id, event)
+
+
+class JobStore(ABC):
+    """Records, per-job event logs, result images, idempotency keys, cancel flags and ownership leases."""
+
+    description: str  # one line for logs and GET /v1/status
+    shared: bool  # do other ingress replicas (and a restarted one) see these jobs?
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+
+    def expires_at(self, job: JobRecord) -> float:
+        return job.created_at + self.ttl_s
+
+    @abstractmethod
+    async def create(self, job: JobRecord) -> None: ...
+
+    @abstractmethod
+    async def get(self, job_id: str) -> JobRecord | None: ...
+
+    @abstractmethod
+    async def save(self, job: JobRecord) -> None: ...
+
+    @abstractmethod
+    async def claim_key(self, key: str, job: JobRecord) -> str:
+        """Bind an idempotency key to ``job`` unless it is bound already; return the id of the job it names."""
+
+    @abstractmethod
+    async def append_event(self, job: JobRecord, event: dict[str, Any]) -> str:
+        """Add an event to the job's log; return its id (ids increase, and are opaque to callers)."""
+
+    @abstractmethod
+    async def read_events(self, job_id: str, after: str | None, wait_s: float) -> list[Event]:
+        """Events after ``after`` (all when None), waiting up to ``wait_s`` for the first one."""
+
+    @abstractmethod
+    async def put_images(self, job: JobRecord, images: list[bytes]) -> None: ...
+
+    @abstractmethod
+    async def get_image(self, job_id: str, index: int) -> bytes | None: ...
+
+    @abstractmethod
+    async def request_cancel(self, job: JobRecord) -> None: ...
+
+    @abstractmethod
+    async def cancel_requested(self, job_id: str) -> bool: ...
+
+    @abstractmethod
+    async def renew_leases(self, job_ids: list[str], lease_s: float) -> None:
+        """Say that the calling replica still runs these jobs, for ``lease_s`` more seconds."""
+
+    @abstractmethod
+    async def lease_alive(self, job_id: str) -> bool: ...
+
+    @abstractmethod
+    async def queue_position(self, job: JobRecord) -> int:
+        """Jobs submitted before ``job`` that are still waiting for their first denoising step."""
+
+    async def close(self) -> None:
+        return None
+
+
+class MemoryJobStore(JobStore):
+    """Jobs in this process. Its lease is the process itself: a job is never reported lost, because a lost
+    replica takes its jobs with it."""
+
+    description = "memory: jobs live in this ingress replica and are lost when it restarts (set jobs.store_url)"
+    shared = False
+
+    def __init__(self, ttl_s: float) -> None:
+        super().__init__(ttl_s)
+        self._jobs: dict[str, JobRecord] = {}
+        self._events: dict[str, list[dict[str, Any]]] = {}
+        self._images: dict[str, list[bytes]] = {}
+        self._keys: dict[str, str] = {}
+        self._cancelled: set[str] = set()
+        self._changed: dict[str, asyncio.Event] = {}
+
+    @classmethod
+    def from_spec(cls, spec: JobsSpec) -> MemoryJobStore:
+        return cls(spec.ttl_s)
+
+    def _expire(self) -> None:
+        now = time.time()
+        for job_id in [j.id for j in self._jobs.values() if self.expires_at(j) < now]:
+            for table in (self._jobs, self._events, self._images, self._changed):
+                table.pop(job_id, None)
+            self._cancelled.discard(job_id)
+        self._keys = {k: v for k, v in self._keys.items() if v in self._jobs}
+
+    async def create(self, job: JobRecord) -> None:
+        self._jobs[job.id] = job.model_copy()  # before expiring: an idempotency key may already name it
+        self._events[job.id] = []
+        self._expire()
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        job = self._jobs.get(job_id)
+        if job is None or self.expires_at(job) < time.time():
+            return None
+        return job.model_copy()
+
+    async def save(self, job: JobRecord) -> None:
+        if job.id in self._jobs:
+            self._jobs[job.id] = job.model_copy()
+
+    async def claim_key(self, key: str, job: JobRecord) -> str:
+        self._expire()
+        return self._keys.setdefault(key, job.id)
+
+    async def append_event(self, job: JobRecord, event: dict[str, Any]) -> str:
+        log = self._events.setdefault(job.id, [])
+        log.append(event)
+        changed = self._changed.pop(job.id, None)
+        if changed is not None:
+            changed.set()
+        return str(len(log))
+
+    async def read_events(self, job_id: str, after: str | None, wait_s: float) -> list[Event]:
+        start = int(after) if after and after.isdigit() else 0
+        log = self._events.get(job_id, [])
+        if len(log) <= start and wait_s > 0:
+            changed = self._changed.setdefault(job_id, asyncio.Event())
+            try:
+                await asyncio.wait_for(changed.wait(), timeout=wait_s)
+            except TimeoutError:
+                return []
+            log = self._events.get(job_id, [])
+        return [(str(i + 1), event) for i, event in enumerate(log) if i >= start]
+
+    async def put_images(self, job: JobRecord, images: list[bytes]) -> None:
+        self._images[job.id] = list(images)
+
+    async def get_image(self, job_id: str, index: int) -> bytes | None:
+        images = self._images.get(job_id, [])
+        return images[index] if 0 <= index < len(images) else None
+
+    async def request_cancel(self, job: JobRecord) -> None:
+        self._cancelled.add(job.id)
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        return job_id in self._cancelled
+
+    async def renew_leases(self, job_ids: list[str], lease_s: float) -> None:
+        return None
+
+    async def lease_alive(self, job_id: str) -> bool:
+        return True
+
+    async def queue_position(self, job: JobRecord) -> int:
+        return sum(
+            1
+            for other in self._jobs.values()
+            if other.state is JobState.QUEUED and (other.created_at, other.id) < (job.created_at, job.id)
+        )
+
+
+class RedisJobStore(JobStore):
+    """Jobs in Redis, shared by every ingress replica. Keys (under ``jobs.key_prefix``): ``job:<id>`` (JSON),
+    ``events:<id>`` (a stream), ``image:<id>:<n>``, ``idem:<key>``, ``cancel:<id>``, ``lease:<id>`` and the
+    ``queued`` sorted set. Everything of a job expires ``ttl_s`` after it was submitted."""
+
+    shared = True
+
+    def __init__(self, url: str, ttl_s: float, prefix: str, password: str | None = None) -> None:
+        import redis.asyncio as redis
+
+        super().__init__(ttl_s)
+        options: dict[str, Any] = {} if password is None or urlsplit(url).password else {"password": password}
+        self.redis: Any = redis.from_url(url, **options)  # redis-py types its replies loosely
+        self.prefix = prefix
+        shown = urlsplit(url)
+        self.description = f"redis: {shown.scheme}://{shown.hostname}:{shown.port or 6379}{shown.path}"
+
+    @classmethod
+    def from_spec(cls, spec: JobsSpec) -> RedisJobStore:
+        from serving.env import SDSERVE_REDIS_PASSWORD
+
+        return cls(spec.store_url, spec.ttl_s, spec.key_prefix, SDSERVE_REDIS_PASSWORD)
+
+    def _key(self, *parts: object) -> str:
+        return ":".join([self.prefix, *map(str, parts)])
+
+    def _pxat(self, job: JobRecord) -> int:
+        return int(self.expires_at(job) * 1000)
+
+    async def create(self, job: JobRecord) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._key("job", job.id), job.model_dump_json(), pxat=self._pxat(job))
+            pipe.zadd(self._key("queued"), {job.id: job.created_at})
+            await pipe.execute()
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        data = await self.redis.get(self._key("job", job_id))
+        return None if data is None else JobRecord.model_validate_json(data)
+
+    async def save(self, job: JobRecord) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._key("job", job.id), job.model_dump_json(), pxat=self._pxat(job), xx=True)
+            if job.state is not JobState.QUEUED:
+                pipe.zrem(self._key("queued"), job.id)
+            await pipe.execute()
+
+    async def claim_key(self, key: str, job: JobRecord) -> str:
+        name = self._key("idem", key)
+        if await self.redis.set(name, job.id, pxat=self._pxat(job), nx=True):
+            return job.id
+        owner = await self.redis.get(name)
+        return job.id if owner is None else owner.decode()
+
+    async def append_event(self, job: JobRecord, event: dict[str, Any]) -> str:
+        name = self._key("events", job.id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(name, {"data": json.dumps(event)})
+            pipe.pexpireat(name, self._pxat(job))
+            event_id, _ = await pipe.execute()
+        return str(event_id.decode())
+
+    async def read_events(self, job_id: str, after: str | None, wait_s: float) -> list[Event]:
+        block = int(wait_s * 1000) if wait_s > 0 else None
+        found = await self.redis.xread({self._key("events", job_id): after or "0"}, count=1000, block=block)
+        return [
+            (event_id.decode(), json.loads(fields[b"data"]))
+            for _, entries in found or []
+            for event_id, fields in entries
+        ]
+
+    async def put_images(self, job: JobRecord, images: list[bytes]) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for i, data in enumerate(images):
+                pipe.set(self._key("image", job.id, i), data, pxat=self._pxat(job))
+            await pipe.execute()
+
+    async def get_image(self, job_id: str, index: int) -> bytes | None:
+        data: bytes | None = await self.redis.get(self._key("image", job_id, index))
+        return data
+
+    async def request_cancel(self, job: JobRecord) -> None:
+        await self.redis.set(self._key("cancel", job.id), b"1", pxat=self._pxat(job))
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        return bool(await self.redis.exists(self._key("cancel", job_id)))
+
+    async def renew_leases(self, job_ids: list[str], lease_s: float) -> None:
+        if not job_ids:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.set(self._key("lease", job_id), b"1", px=int(lease_s * 1000))
+            await pipe.execute()
+
+    async def lease_alive(self, job_id: str) -> bool:
+        return bool(await self.redis.exists(self._key("lease", job_id)))
+
+    async def queue_position(self, job: JobRecord) -> int:
+        name = self._key("queued")
+        await self.redis.zremrangebyscore(name, "-inf", time.time() - self.ttl_s)
+        rank = await self.redis.zrank(name, job.id)
+        return int(rank or 0)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+# Store kinds by URL scheme: adding a kind is one row.
+JOB_STORES: dict[str, Callable[[JobsSpec], JobStore]] = {
+    "memory": MemoryJobStore.from_spec,
+    "redis": RedisJobStore.from_spec,
+    "rediss": RedisJobStore.from_spec,
+}
+
+
+def open_job_store(spec: JobsSpec) -> JobStore:
+    """The store ``spec.store_url`` names."""
+    scheme = urlsplit(spec.store_url).scheme
+    factory = JOB_STORES.get(scheme)
+    if factory is None:
+        raise ValueError(f"jobs.store_url: unknown scheme {scheme!r}; use one of {sorted(JOB_STORES)}")
+    return factory(spec)
