@@ -44,8 +44,8 @@ class Settings:
     mixed: tuple[int, int, float] = (4, 30, 0.25)  # short steps, long steps, share of short requests
     c1_requests: int = 4
     saturation_concurrency: int = 4
-    saturation_s: float = 40.0
-    poisson_s: float = 45.0
+    saturation_s: float = 30.0
+    poisson_s: float = 35.0
     bare_batches: tuple[int, ...] = (1, 2, 4)
     gpu: bool = False
 
@@ -270,7 +270,7 @@ def run_all(settings: Settings, out: Path) -> dict[str, Any]:
         "commit": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
         ).stdout.strip(),
-        "torch_threads": "default (one per core) in every process",
+        "torch_threads": "one per core for (a)-(c) and for sdserve's denoiser; 1 each for sdserve's text encoder and decoder",
         "gpu": gpu_name(),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
