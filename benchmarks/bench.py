@@ -136,6 +136,19 @@ def run_bare(model: Path, settings: Settings) -> dict[str, Any]:
 # -- (b), (c), (d): servers in their own process trees -----------------------------------------------------
 
 
+def wait_until_quiet(busy_below: float = 20.0, max_wait_s: float = 90.0) -> float:
+    """Wait until the machine is idle (the previous system's processes gone, this one's start-up done).
+
+    Without this, the first phase of a system overlapped the previous system's shutdown and its own
+    warm-up on this 2-core machine. Returns the CPU percentage last seen.
+    """
+    deadline = time.monotonic() + max_wait_s
+    busy = psutil.cpu_percent(interval=1.0)
+    while busy >= busy_below and time.monotonic() < deadline:
+        busy = psutil.cpu_percent(interval=1.0)
+    return busy
+
+
 @contextmanager
 def server(cmd: list[str], port: int, log: Path) -> Iterator[tuple[str, dict[str, float]]]:
     """Start a server, wait for /readyz, sample the RSS of its whole process tree; stop it afterwards."""
@@ -171,6 +184,7 @@ def server(cmd: list[str], port: int, log: Path) -> Iterator[tuple[str, dict[str
             time.sleep(1)
         else:
             raise RuntimeError(f"{cmd[:3]} never became ready")
+        wait_until_quiet()
         yield url, memory
     finally:
         stop.set()

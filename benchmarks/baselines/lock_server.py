@@ -1,5 +1,5 @@
 """Baseline (b): the common self-hosted design — one FastAPI process, one pipeline behind an asyncio.Lock,
-generation in a worker thread.
+generation in a worker thread (one thread that also loaded the pipeline).
 
     python -m benchmarks.baselines.lock_server MODEL_DIR PORT
 """
@@ -14,18 +14,18 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from benchmarks.baselines.common import generate_png, load_pipeline
+from benchmarks.baselines.common import PipelineWorker
 
 
 def create_app(model_dir: str) -> FastAPI:
     app = FastAPI()
-    pipe = load_pipeline(model_dir)
+    worker = PipelineWorker(model_dir)
     lock = asyncio.Lock()
 
     @app.post("/v1/images/generations")
     async def generate(body: dict[str, Any]) -> dict[str, Any]:
         async with lock:
-            images = await asyncio.to_thread(generate_png, pipe, body)
+            images = await worker.generate(body)
         return {"created": int(time.time()), "data": [{"b64_json": b} for b in images]}
 
     @app.get("/readyz")

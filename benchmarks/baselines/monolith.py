@@ -22,14 +22,13 @@ api = FastAPI()
 @serve.deployment(name="Pipeline", max_ongoing_requests=1)
 class PipelineDeployment:
     def __init__(self, model_dir: str) -> None:
-        from benchmarks.baselines.common import load_pipeline
+        from benchmarks.baselines.common import PipelineWorker
 
-        self.pipe = load_pipeline(model_dir)
+        self.worker = PipelineWorker(model_dir)
 
-    def generate(self, body: dict[str, Any]) -> list[str]:
-        from benchmarks.baselines.common import generate_png
-
-        return generate_png(self.pipe, body)
+    async def generate(self, body: dict[str, Any]) -> list[str]:
+        images: list[str] = await self.worker.generate(body)
+        return images
 
 
 @serve.deployment(name="APIIngress")
