@@ -38,6 +38,18 @@ def deploy_from_config(live: LiveService, config: AppConfig) -> str:
     return f"{live.url}{config.route_prefix}"
 
 
+def roll_to(live: LiveService, config: AppConfig, source: str) -> AppConfig:
+    """Re-apply ``config`` with its (single) model pointing at ``source``: a rollout; return the new config."""
+    changed = config.model_copy(update={"models": [config.models[0].model_copy(update={"source": source})]})
+    deploy_from_config(live, changed)
+    return changed
+
+
+def wait_degraded(url: str) -> dict[str, Any]:
+    ready: dict[str, Any] = wait_for(lambda: httpx.get(f"{url}/readyz").json(), lambda r: r.get("status") == "degraded")
+    return ready
+
+
 @contextmanager
 def config_app(live: LiveService, config: AppConfig) -> Iterator[str]:
     from ray import serve
@@ -114,11 +126,8 @@ def test_a_corrupt_model_never_serves(live: LiveService, s3: S3Server, tmp_path:
     )  # fmt: skip
     with config_app(live, config) as url:
         # Roll the running app over to the tampered version: the denoiser refuses it, the old one keeps serving.
-        bad = config.model_copy(
-            update={"models": [config.models[0].model_copy(update={"source": "s3://models/broken@v1"})]}
-        )
-        deploy_from_config(live, bad)
-        ready = wait_for(lambda: httpx.get(f"{url}/readyz").json(), lambda r: r.get("status") == "degraded")
+        roll_to(live, config, "s3://models/broken@v1")
+        ready = wait_degraded(url)
         assert "does not match" in ready["errors"]["tiny"]
         response = generate(url, "tiny")
         assert response.status_code == 200
@@ -163,10 +172,7 @@ def test_rollout_under_load_drops_nothing(live: LiveService, s3: S3Server, tmp_p
             thread.start()
         try:
             wait_for(lambda: len(results), lambda n: n >= 6)
-            v2_config = config.model_copy(
-                update={"models": [config.models[0].model_copy(update={"source": "s3://models/rolling@v2"})]}
-            )
-            deploy_from_config(live, v2_config)
+            roll_to(live, config, "s3://models/rolling@v2")
             wait_for(lambda: [v for _, v in results[-6:]], lambda last: len(last) == 6 and set(last) == {v2})
         finally:
             stop.set()
@@ -187,11 +193,8 @@ def test_rollout_under_load_drops_nothing(live: LiveService, s3: S3Server, tmp_p
         assert list(loaded) == ["s3://models/rolling@v2"]
 
         # A version that does not exist: the old one keeps serving and /readyz says why.
-        missing = v2_config.model_copy(
-            update={"models": [config.models[0].model_copy(update={"source": "s3://models/rolling@v404"})]}
-        )
-        deploy_from_config(live, missing)
-        ready = wait_for(lambda: httpx.get(f"{url}/readyz").json(), lambda r: r.get("status") == "degraded")
+        roll_to(live, config, "s3://models/rolling@v404")
+        ready = wait_degraded(url)
         assert "v404" in ready["errors"]["m"]
         response = generate(url, "m")
         assert response.status_code == 200 and response.json()["model_version"] == v2

@@ -83,15 +83,21 @@ def test_denoiser_scales_up_under_a_burst_and_back_down(live: LiveService, tmp_p
 def test_full_queues_answer_503_at_once_and_nothing_hangs(live: LiveService, tmp_path: Path) -> None:
     denoiser = {"max_ongoing_requests": 1, "max_queued_requests": 1, "max_batch_size": 1}
     with extra_app(live, "saturate", tmp_path, denoiser=denoiser, limits={"retry_after_s": 3}) as url:
-        # A handle learns the queue limit from the controller (by long poll) after its first request.
+        # A handle learns the queue limit from the controller (by long poll) after its first request; on a
+        # loaded machine that can take longer than one burst, so bursts repeat until the limit is in force.
         assert httpx.post(f"{url}/v1/images/generations", json={"prompt": "warm"}, timeout=60).status_code == 200
         time.sleep(3)
         bodies = [{"prompt": f"load {i}", "steps": 60, "seed": i} for i in range(20)]
-        started = time.monotonic()
-        responses = asyncio.run(burst(url, bodies, timeout=120))
-        assert time.monotonic() - started < 120
-        statuses = [r.status_code for r in responses]
-        assert set(statuses) <= {200, 503} and statuses.count(200) >= 1 and statuses.count(503) >= 1
+        deadline = time.monotonic() + 120
+        while True:
+            started = time.monotonic()
+            responses = asyncio.run(burst(url, bodies, timeout=120))
+            assert time.monotonic() - started < 120
+            statuses = [r.status_code for r in responses]
+            assert set(statuses) <= {200, 503}, [r.text for r in responses]
+            if 503 in statuses or time.monotonic() > deadline:
+                break
+        assert statuses.count(200) >= 1 and statuses.count(503) >= 1
         for r in responses:
             if r.status_code == 503:
                 assert r.headers["retry-after"] == "3", (r.headers, r.text)
