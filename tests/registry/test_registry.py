@@ -204,7 +204,8 @@ def test_replicas_resolving_one_snapshot_download_it_once(s3_env: S3Server, mode
     assert all(p.returncode == 0 for p in procs)
     assert s3_env.gets(weights) - before == 1
     assert len({r["path"] for r in results}) == 1
-    assert sorted(r["fetched"] > 0 for r in results) == [False, False, False, True]
+    # Each component is fetched by whichever process takes its lock first; together, every byte exactly once.
+    assert sum(r["fetched"] for r in results) == sizes(model_copy, ("unet", "scheduler"))
 
 
 def test_cli_push_pull_verify_list(s3_env: S3Server, model_copy: Path, tmp_path: Path) -> None:
