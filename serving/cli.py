@@ -115,13 +115,11 @@ def cmd_create_test(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> Any:
-    from models.registry import SnapshotCache
     from serving.env import SDSERVE_HOME
 
-    config = _load_config(getattr(args, "config", None))
-    root = Path(args.cache_dir) if args.cache_dir else config.cache_dir(SDSERVE_HOME)
-    allow = config.registry.unsafe_allow_pickle_weights or getattr(args, "unsafe_allow_pickle_weights", False)
-    return SnapshotCache(root, allow_pickle=allow, attempts=config.registry.download_attempts)
+    return _load_config(getattr(args, "config", None)).snapshot_cache(
+        SDSERVE_HOME, args.cache_dir, getattr(args, "unsafe_allow_pickle_weights", False)
+    )
 
 
 def cmd_models_push(args: argparse.Namespace) -> int:
@@ -148,7 +146,7 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
 def cmd_models_verify(args: argparse.Namespace) -> int:
     cache = _cache(args)
     snap = cache.materialize(args.ref)  # fetches what is missing, verifying each file as it lands
-    problems = cache.verify(args.ref) if snap.report.bytes_fetched or snap.report.bytes_cached else []
+    problems = cache.verify(args.ref)
     for problem in problems:
         print(f"{args.ref}: {problem}", file=sys.stderr)
     print(json.dumps({"ref": args.ref, "pinned": snap.report.pinned, "version": snap.report.version,

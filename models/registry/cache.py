@@ -34,7 +34,7 @@ from pathlib import Path
 from models.registry.errors import IntegrityError, NotFoundError, RegistryError
 from models.registry.manifest import MANIFEST_NAME, ROOT, FileEntry, Manifest, content_id, sha256_file
 from models.registry.refs import ModelRef, parse_ref
-from models.registry.sources import ModelSource, Progress, source_for
+from models.registry.sources import ModelSource, Progress, hub_offline, source_for
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class SnapshotCache:
             return source.pin(parsed)
         except RegistryError:
             recorded = self._read_ref(parsed)
-            if recorded is None or not _offline():
+            if recorded is None or not hub_offline():
                 raise
             logger.warning("offline: serving %s as last pinned here: %s", parsed, recorded["pinned"])
             return parse_ref(recorded["pinned"])
@@ -143,12 +143,22 @@ class SnapshotCache:
         return Snapshot(path=snap, manifest=manifest, report=report)
 
     def verify(self, ref: str | ModelRef) -> list[str]:
-        """Re-hash every cached file of ``ref`` against its manifest; return the problems found."""
-        recorded = self._read_ref(parse_ref(ref) if isinstance(ref, str) else ref)
-        if recorded is None:
-            raise NotFoundError("not in the cache; pull it first", str(ref))
-        snap = self.root / "snapshots" / recorded["version"]
-        manifest = Manifest.from_bytes((snap / MANIFEST_NAME).read_bytes(), str(ref))
+        """Re-hash every local file of ``ref`` (cached, or read in place) against its manifest; return the problems.
+
+        Raises:
+            NotFoundError: a fetched reference that is not in the cache, or a local folder with no manifest.
+        """
+        parsed = parse_ref(ref) if isinstance(ref, str) else ref
+        source = source_for(parsed, self.attempts)
+        if source.in_place:
+            snap = source.local_dir(parsed)
+            manifest = Manifest.from_bytes(source.read_manifest(parsed), str(ref))
+        else:
+            recorded = self._read_ref(parsed)
+            if recorded is None:
+                raise NotFoundError("not in the cache; pull it first", str(ref))
+            snap = self.root / "snapshots" / recorded["version"]
+            manifest = Manifest.from_bytes((snap / MANIFEST_NAME).read_bytes(), str(ref))
         problems = []
         for entry in manifest.files:
             path = snap / entry.path
@@ -200,7 +210,7 @@ class SnapshotCache:
             return source.read_manifest(pinned)
         except RegistryError:
             recorded = self._read_ref(pinned)
-            if recorded is None or not _offline():
+            if recorded is None or not hub_offline():
                 raise
             return (self.root / "snapshots" / recorded["version"] / MANIFEST_NAME).read_bytes()
 
@@ -285,9 +295,3 @@ class SnapshotCache:
 
 def _matches(path: Path, entry: FileEntry) -> bool:
     return path.is_file() and path.stat().st_size == entry.size and sha256_file(path) == entry.sha256
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from models.registry.errors import NotFoundError, RegistryError
-from models.registry.manifest import MANIFEST_NAME, FileEntry, write_manifest
+from models.registry.manifest import MANIFEST_NAME, FileEntry, Manifest, content_id, write_manifest
 from models.registry.refs import ModelRef
 
 logger = logging.getLogger(__name__)
@@ -191,8 +191,6 @@ class S3Source(ModelSource):
         else:
             raise RegistryError("that version is already published; versions are immutable", str(ref))
         manifest = (directory / MANIFEST_NAME).read_text()
-        from models.registry.manifest import Manifest
-
         for entry in Manifest.from_bytes(manifest.encode(), str(ref)).files:
             self.client.upload_file(str(directory / entry.path), bucket, prefix + entry.path)
         self.client.put_object(Bucket=bucket, Key=prefix + MANIFEST_NAME, Body=manifest.encode())  # last
@@ -216,19 +214,10 @@ class HubSource(ModelSource):
 
     scheme = "hf"
 
-    def __init__(self, attempts: int = 3) -> None:
-        super().__init__(attempts)
-
-    @staticmethod
-    def _offline() -> bool:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-
     def pin(self, ref: ModelRef) -> ModelRef:
         if ref.is_commit:
             return ref
-        if self._offline():
+        if hub_offline():
             raise RegistryError("HF_HUB_OFFLINE is set and the revision is not a commit; pin the commit", str(ref))
         from huggingface_hub import HfApi
 
@@ -287,6 +276,13 @@ class HubSource(ModelSource):
         return [str(ref.with_version(b.target_commit)) + f"  ({b.name})" for b in [*refs.branches, *refs.tags]]
 
 
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` as huggingface_hub read it: no request may reach a hub."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
 def _short(exc: BaseException | None) -> str:
     return str(exc).splitlines()[0][:300] if exc else "unknown error"
 
@@ -304,8 +300,6 @@ def source_for(ref: ModelRef, attempts: int = 3) -> ModelSource:
 
 def publish(directory: Path, ref: ModelRef, allow_pickle: bool = False, attempts: int = 3) -> tuple[ModelRef, str]:
     """Write the manifest into ``directory`` and publish it at ``ref``; return the pinned ref and content id."""
-    from models.registry.manifest import content_id
-
     manifest = write_manifest(directory, revision=ref.version or "", allow_pickle=allow_pickle)
     pinned = source_for(ref, attempts).push(directory, ref)
     return pinned, content_id(manifest.to_json().encode())

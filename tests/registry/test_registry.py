@@ -257,3 +257,16 @@ def test_lora_adapters_are_references_too(s3_env: S3Server, tmp_path: Path) -> N
     assert (snap.path / "pytorch_lora_weights.safetensors").read_bytes() == (
         adapter / "pytorch_lora_weights.safetensors"
     ).read_bytes()
+
+
+def test_verify_reads_local_folders_in_place(model_copy: Path, tmp_path: Path) -> None:
+    from models.registry import write_manifest
+
+    write_manifest(model_copy, revision="local")
+    cache = SnapshotCache(tmp_path / "cache")
+    assert cache.verify(f"file://{model_copy}") == []
+    weights = model_copy / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    assert cache.verify(str(model_copy)) == [
+        "vae/diffusion_pytorch_model.safetensors: size or sha256 differs from the manifest"
+    ]
