@@ -94,12 +94,6 @@ class StageRuntime:
         )  # fmt: skip
         return stage
 
-    def load(self, name: str, ref: str) -> str:
-        """``fetch`` then ``build`` on the calling thread; return the pinned reference."""
-        pinned, snap = self.fetch(ref)
-        self.build(name, pinned, snap)
-        return pinned
-
     # -- use ------------------------------------------------------------------------------------------------
 
     def get(self, name: str, pinned: str) -> Any:

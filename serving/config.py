@@ -7,13 +7,16 @@ Helm chart's values, the RayService ``serveConfigV2``. Every field has a default
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from models.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+
+if TYPE_CHECKING:
+    from models.registry import SnapshotCache
 
 Dtype = Literal["auto", "float16", "bfloat16", "float32"]
 
@@ -305,8 +308,17 @@ class AppConfig(_Strict):
         """The deployments' `user_config`: the model catalog, which changes without restarting replicas."""
         return ModelCatalog(models=self.models).model_dump(mode="json")
 
-    def cache_dir(self, home: Path) -> Path:
-        return Path(self.registry.cache_dir).expanduser() if self.registry.cache_dir else home / "snapshots"
+    def snapshot_cache(self, home: Path, cache_dir: str | None = None, allow_pickle: bool = False) -> SnapshotCache:
+        """The snapshot cache these settings describe (``home``: $SDSERVE_HOME; the arguments override)."""
+        from models.registry import SnapshotCache
+
+        registry = self.registry
+        root = cache_dir or registry.cache_dir
+        return SnapshotCache(
+            Path(root).expanduser() if root else home / "snapshots",
+            allow_pickle=registry.unsafe_allow_pickle_weights or allow_pickle,
+            attempts=registry.download_attempts,
+        )
 
 
 def config_reference(instance: BaseModel | None = None, prefix: str = "") -> list[tuple[str, str, str]]:

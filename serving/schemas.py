@@ -75,11 +75,9 @@ class ImageData(BaseModel):
     revised_prompt: str | None = None
 
 
-class ImageGenerationResponse(BaseModel):
-    """OpenAI-compatible response, plus what a Stable Diffusion user needs to reproduce the result."""
+class GenerationSettings(BaseModel):
+    """What a Stable Diffusion user needs to reproduce a result (shared by image and job responses)."""
 
-    created: int
-    data: list[ImageData]
     model: str
     model_version: str
     seed: int
@@ -89,6 +87,13 @@ class ImageGenerationResponse(BaseModel):
     scheduler: str
     output_format: str
     timings_ms: dict[str, float]
+
+
+class ImageGenerationResponse(GenerationSettings):
+    """OpenAI-compatible response, plus the settings that reproduce the result."""
+
+    created: int
+    data: list[ImageData]
 
 
 class ModelCard(BaseModel):
@@ -136,19 +141,10 @@ class JobImage(BaseModel):
     url: str
 
 
-class JobImages(BaseModel):
+class JobImages(GenerationSettings):
     """What a succeeded job made: image urls and the settings that reproduce them."""
 
     data: list[JobImage]
-    model: str
-    model_version: str
-    seed: int
-    size: str
-    steps: int
-    guidance_scale: float
-    scheduler: str
-    output_format: str
-    timings_ms: dict[str, float]
 
 
 class JobResponse(BaseModel):

@@ -30,6 +30,7 @@ from models.contracts import (
 from models.errors import StageInputError, UnknownModelError
 from models.registry.errors import RegistryError
 from serving.config import AppConfig, ModelCatalog, ModelSpec
+from serving.env import SDSERVE_HOME
 from serving.errors import ApiError, invalid
 from serving.schemas import ImageGenerationRequest
 
@@ -76,6 +77,7 @@ class GenerationService:
         self.config = config
         self.handles = {"text_encoder": text_encoder, "denoiser": denoiser, "decoder": decoder}
         self.models = ModelCatalogState()
+        self.snapshots = config.snapshot_cache(SDSERVE_HOME)  # pins references (offline: from what is cached)
 
     # -- requests ---------------------------------------------------------------------------------------------
 
@@ -288,14 +290,10 @@ class GenerationService:
         await asyncio.gather(*(self._roll_out(m, prepare=True) for m in models))
 
     async def _roll_out(self, model: ModelSpec, prepare: bool) -> None:
-        from models.registry import SnapshotCache
-        from serving.env import SDSERVE_HOME
-
         state = self.models
         state.configured[model.name] = model.source
         try:
-            cache = SnapshotCache(self.config.cache_dir(SDSERVE_HOME), attempts=self.config.registry.download_attempts)
-            pinned = str(await asyncio.to_thread(cache.pin, model.source))
+            pinned = str(await asyncio.to_thread(self.snapshots.pin, model.source))
             if prepare:
                 # Every stage loads the version before any request uses it.
                 answers = await asyncio.gather(

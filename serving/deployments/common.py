@@ -40,18 +40,12 @@ class StageReplica:
     kind: str = ""
 
     def __init__(self, config: dict[str, Any], **options: Any) -> None:
-        from models.registry import SnapshotCache
         from models.runtime import StageRuntime  # torch is imported inside the replica, never by the ingress
 
         self.config = AppConfig.model_validate(config)
         spec: StageSpec = getattr(self.config, self.kind)
         self.spec = spec
-        registry = self.config.registry
-        cache = SnapshotCache(
-            self.config.cache_dir(SDSERVE_HOME),
-            allow_pickle=registry.unsafe_allow_pickle_weights,
-            attempts=registry.download_attempts,
-        )
+        cache = self.config.snapshot_cache(SDSERVE_HOME)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.kind}-compute")
         # Build on the compute thread too. Each thread that runs torch work gets its own OpenMP thread team;
         # two teams on the same cores (one left spinning from the load) made every UNet call ~1.5x slower.

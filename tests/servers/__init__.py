@@ -18,16 +18,23 @@ from pathlib import Path
 import httpx
 
 from models.registry import write_manifest
+from serving.local import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVERS_BIN = ROOT / ".cache" / "servers-venv" / "bin"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+@contextmanager
+def _running(cmd: list[str], log: Path, ready_url: str, cwd: Path | None = None) -> Iterator[None]:
+    """Run a server from the servers venv, logging to ``log``, until ``ready_url`` answers; stop it after."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen([str(_require(cmd[0])), *cmd[1:]], cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_http(ready_url, proc, log)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> None:
@@ -84,16 +91,8 @@ class S3Server:
 def s3_server(workdir: Path) -> Iterator[S3Server]:
     port = free_port()
     log = workdir / "moto.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(_require("moto_server")), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT
-        )
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/moto-api/", proc, log)
+    with _running(["moto_server", "-H", "127.0.0.1", "-p", str(port)], log, f"http://127.0.0.1:{port}/moto-api/"):
         yield S3Server(url=f"http://127.0.0.1:{port}", log=log)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @dataclass
@@ -137,17 +136,8 @@ def hub_server(workdir: Path) -> Iterator[HubServer]:
         f'[basic]\nhost = "127.0.0.1"\nport = {port}\nrepos-path = "{workdir / "repos"}"\n'
         f'mirrors-path = ["{mirrors}"]\n\n[accessibility]\noffline = true\n'
     )
-    log = workdir / "olah.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(_require("olah-cli")), "-c", str(config)], cwd=workdir, stdout=out, stderr=subprocess.STDOUT
-        )
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/", proc, log)
+    with _running(["olah-cli", "-c", str(config)], workdir / "olah.log", f"http://127.0.0.1:{port}/", cwd=workdir):
         yield HubServer(url=f"http://127.0.0.1:{port}", mirrors=mirrors)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 class DroppingProxy:
