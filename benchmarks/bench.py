@@ -4,6 +4,10 @@ One run, one machine, one model, one request mix; writes BENCHMARKS.md, results 
 
     python -m benchmarks.bench                # the full run (`make bench`), bench-size model, ~15 min here
     python -m benchmarks.bench --quick        # tiny model, seconds per phase: checks the harness runs
+    python -m benchmarks.bench --gpu          # sd15 architecture, 512x512, fp16 on CUDA (`make bench-gpu`)
+
+A run can be split: `--systems bare,lock_server` then `--systems monolith,sdserve --resume` measure the same
+four systems in two invocations (the rates of the Poisson phases come from (b), so (b) runs first).
 """
 
 from __future__ import annotations
@@ -50,13 +54,14 @@ class Settings:
     gpu: bool = False
 
     @classmethod
-    def quick(cls) -> Settings:
-        return cls("tiny", "64x64", 4, (2, 6, 0.25), 2, 2, 3.0, 3.0, (1, 2))
+    def quick(cls, gpu: bool = False) -> Settings:
+        return cls("tiny", "64x64", 4, (2, 6, 0.25), 2, 2, 3.0, 3.0, (1, 2), gpu=gpu)
 
     @classmethod
     def on_gpu(cls) -> Settings:
-        """The exact SD1.5 architecture at 512x512, 25 steps, fp16 on CUDA."""
-        return cls("sd15", "512x512", 25, (4, 30, 0.25), 8, 8, 40.0, 45.0, (1, 2, 4, 8, 16), gpu=True)
+        """The exact SD1.5 architecture at 512x512, 25 steps, fp16 on CUDA; 16 requests in flight at saturation
+        (the largest batch (a) is measured at, and sdserve's denoiser batch limit on a GPU)."""
+        return cls("sd15", "512x512", 25, (4, 30, 0.25), 8, 16, 25.0, 30.0, (1, 2, 4, 8, 16), gpu=True)
 
 
 def gpu_name() -> str | None:
@@ -85,6 +90,8 @@ def model_dir(size: str) -> Path:
 
 
 def bare_main(model: str, settings: Settings) -> dict[str, Any]:
+    import torch
+
     from benchmarks.baselines.common import load_pipeline
 
     pipe = load_pipeline(model)
@@ -100,15 +107,22 @@ def bare_main(model: str, settings: Settings) -> dict[str, Any]:
         t0 = time.perf_counter()
         pipe(["a photo of a cat"] * batch, height=height, width=width, num_inference_steps=settings.steps,
              output_type="latent")  # fmt: skip
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the latents come back before the device has finished computing them
         return settings.steps / (time.perf_counter() - t0)
 
     run(1, 2)  # warm-up
     c1 = [run(1, settings.steps) for _ in range(max(2, settings.c1_requests - 1))]
     throughput = {}
     for batch in settings.bare_batches:
-        throughput[batch] = batch / (c1[0] if batch == 1 else run(batch, settings.steps))
+        if batch > 1:
+            run(batch, 2)  # warm-up at this batch size (allocator, kernel selection)
+        throughput[batch] = batch / (statistics.median(c1) if batch == 1 else run(batch, settings.steps))
     best = max(throughput, key=lambda b: throughput[b])
-    extra = {"unet_its_batch1": unet_its(1), f"unet_its_batch{best}": unet_its(best)} if settings.gpu else {}
+    extra: dict[str, Any] = {}
+    if settings.gpu:
+        extra = {"unet_its_batch1": unet_its(1), f"unet_its_batch{best}": unet_its(best)}
+        extra["unet_forward"] = {str(b): unet_forward_its(pipe.unet, b, height, width) for b in sorted({1, best})}
     return {
         **extra,
         "latency_c1_s": statistics.median(c1),
@@ -117,6 +131,42 @@ def bare_main(model: str, settings: Settings) -> dict[str, Any]:
         "throughput_by_batch": {str(b): round(v, 4) for b, v in throughput.items()},
         "peak_rss_mb": psutil.Process().memory_info().rss / 2**20,
     }
+
+
+def unet_forward_its(unet: Any, batch: int, height: int, width: int, iters: int = 30) -> dict[str, float]:
+    """UNet forward passes per second at ``batch`` images (2x rows under guidance): eager, and replayed from
+    a CUDA graph the way sdserve's denoiser runs it; plus the largest difference between the two outputs."""
+    import torch
+
+    from models.cudagraphs import GraphedUNet
+
+    rows, c = 2 * batch, unet.config
+    g = torch.Generator("cpu").manual_seed(0)
+    sample = torch.randn((rows, c.in_channels, height // 8, width // 8), generator=g).to("cuda", unet.dtype)
+    steps = torch.full((rows,), 500.0, device="cuda")
+    hidden = torch.randn((rows, 77, c.cross_attention_dim), generator=g).to("cuda", unet.dtype)
+    graphed = GraphedUNet(unet)
+
+    def eager() -> Any:
+        return unet(sample, steps, encoder_hidden_states=hidden, return_dict=False)[0]
+
+    def replay() -> Any:
+        return graphed(sample, steps, hidden, None)
+
+    def rate(fn: Any) -> float:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+        return iters / (time.perf_counter() - t0)
+
+    with torch.inference_mode():
+        eager_its, graph_its = rate(eager), rate(replay)
+        diff = (eager().float() - replay().float()).abs().max().item()
+    return {"eager_its": eager_its, "cuda_graph_its": graph_its, "max_abs_diff": diff}
 
 
 def run_bare(model: Path, settings: Settings) -> dict[str, Any]:
@@ -219,7 +269,7 @@ def measure(url: str, settings: Settings, rates: dict[str, float] | None) -> dic
     return result
 
 
-def sdserve_config(model: Path, settings: Settings, path: Path, port: int) -> Path:
+def sdserve_config(model: Path, settings: Settings, path: Path, port: int, cuda_graphs: bool = True) -> Path:
     from models.devices import available_cpus
 
     cpus = available_cpus()
@@ -229,10 +279,11 @@ def sdserve_config(model: Path, settings: Settings, path: Path, port: int) -> Pa
         "defaults": {"size": settings.size, "steps": settings.steps, "scheduler": "euler"},
         "limits": {"max_size": 1024, "request_timeout_s": 900},
         # Every core for the denoiser, one thread each for the light stages (same thread budget as (a)-(c)).
-        "denoiser": {"max_batch_size": 8 if settings.gpu else 4, "max_queued_requests": -1, "torch_threads": cpus},
+        "denoiser": {"max_batch_size": 16 if settings.gpu else 4, "max_queued_requests": -1, "torch_threads": cpus},
         "text_encoder": {"max_queued_requests": -1, "torch_threads": 1},
         "decoder": {"max_queued_requests": -1, "torch_threads": 1},
     }
+    config["denoiser"]["cuda_graphs"] = cuda_graphs
     if settings.gpu:  # one GPU shared by the three stages, most of it for the denoiser
         for stage, share in (("text_encoder", 0.1), ("denoiser", 0.6), ("decoder", 0.3)):
             config[stage]["resources"] = {"num_gpus": share}
@@ -240,54 +291,78 @@ def sdserve_config(model: Path, settings: Settings, path: Path, port: int) -> Pa
     return path
 
 
-def run_all(settings: Settings, out: Path) -> dict[str, Any]:
+def poisson_rates(settings: Settings, capacity: float) -> dict[str, float]:
+    """Open-loop rates: 50 % and 80 % of (b)'s capacity, and the mixed workload at 80 % of it in step terms."""
+    short, long_, share = settings.mixed
+    mean_steps = share * short + (1 - share) * long_
+    return {
+        "poisson_50": 0.5 * capacity,
+        "poisson_80": 0.8 * capacity,
+        "mixed_80": 0.8 * capacity * settings.steps / mean_steps,
+    }
+
+
+def measure_server(name: str, cmd: list[str], port: int, settings: Settings, out: Path,
+                   rates: dict[str, float] | None) -> dict[str, Any]:  # fmt: skip
+    with server(cmd, port, out / f"{name}.log") as (url, memory):
+        result = measure(url, settings, rates)
+        if rates is None:  # (b): its saturation throughput sets the rates of every open-loop phase
+            result.update(measure_open(url, settings, poisson_rates(settings, result["throughput_ips"])))
+    return {**result, **memory}
+
+
+def run_system(
+    name: str, model: Path, settings: Settings, out: Path, rates: dict[str, float] | None, cuda_graphs: bool = True
+) -> dict[str, Any]:
+    if name == "bare":
+        return run_bare(model, settings)
+    port = free_port()
+    if name == "sdserve":
+        config = sdserve_config(model, settings, out / "sdserve.yaml", port, cuda_graphs)
+        cmd = [PY, "-m", "serving.cli", "serve", "--config", str(config)]
+    else:
+        cmd = [PY, "-m", f"benchmarks.baselines.{name}", str(model), str(port)]
+    return measure_server(name, cmd, port, settings, out, rates)
+
+
+def run_all(
+    settings: Settings, out: Path, systems: list[str], resume: bool = False, cuda_graphs: bool = True
+) -> dict[str, Any]:
+    """Measure ``systems`` (in SYSTEMS order); with ``resume``, keep what OUT/results.json already holds."""
     out.mkdir(parents=True, exist_ok=True)
+    saved = out / "results.json"
+    results: dict[str, Any] = json.loads(saved.read_text()) if resume and saved.exists() else {}
+    if results and results["meta"]["settings"] != json.loads(json.dumps(asdict(settings))):
+        raise SystemExit(f"{saved} was measured with other settings; run without --resume")
     model = model_dir(settings.model_size)
     started = time.perf_counter()
-    results: dict[str, Any] = {"bare": run_bare(model, settings)}
-    print(f"bare: {results['bare']}", flush=True)
-
-    port = free_port()
-    cmd = [PY, "-m", "benchmarks.baselines.lock_server", str(model), str(port)]
-    with server(cmd, port, out / "lock_server.log") as (url, memory):
-        lock = measure(url, settings, None)
-        capacity = lock["throughput_ips"]
-        short, long_, share = settings.mixed
-        mean_steps = share * short + (1 - share) * long_
-        rates = {
-            "poisson_50": 0.5 * capacity,
-            "poisson_80": 0.8 * capacity,
-            "mixed_80": 0.8 * capacity * settings.steps / mean_steps,
+    for name in SYSTEMS:
+        if name not in systems or name in results:
+            continue
+        rates = poisson_rates(settings, results["lock_server"]["throughput_ips"]) if "lock_server" in results else None
+        if name in ("monolith", "sdserve") and rates is None:
+            raise SystemExit(f"{name} needs (b)'s capacity for its Poisson rates: include lock_server")
+        results[name] = run_system(name, model, settings, out, rates, cuda_graphs)
+        print(f"{name}: c1 {results[name]['latency_c1_s']:.3f}s, {results[name]['throughput_ips']:.3f} img/s",
+              flush=True)  # fmt: skip
+        results["meta"] = {
+            "settings": asdict(settings),
+            "rates": rates or poisson_rates(settings, results["lock_server"]["throughput_ips"])
+            if "lock_server" in results
+            else {},
+            "wall_s": round(results.get("meta", {}).get("wall_s", 0) + time.perf_counter() - started, 1),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+            "commit": subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+            ).stdout.strip(),
+            "torch_threads": "one per core for (a)-(c) and for sdserve's denoiser; 1 each for sdserve's text encoder "
+            "and decoder",
+            "gpu": gpu_name(),
+            "sdserve_cuda_graphs": cuda_graphs,
         }
-        lock.update(measure_open(url, settings, rates))
-    results["lock_server"] = {**lock, **memory}
-    print(f"lock_server: c1 {lock['latency_c1_s']:.2f}s, {capacity:.3f} img/s", flush=True)
-
-    port = free_port()
-    cmd = [PY, "-m", "benchmarks.baselines.monolith", str(model), str(port)]
-    with server(cmd, port, out / "monolith.log") as (url, memory):
-        results["monolith"] = {**measure(url, settings, rates), **memory}
-    print("monolith done", flush=True)
-
-    port = free_port()
-    config = sdserve_config(model, settings, out / "sdserve.yaml", port)
-    cmd = [str(Path(PY).parent / "sdserve"), "serve", "--config", str(config)]
-    with server(cmd, port, out / "sdserve.log") as (url, memory):
-        results["sdserve"] = {**measure(url, settings, rates), **memory}
-    print("sdserve done", flush=True)
-    results["meta"] = {
-        "settings": asdict(settings),
-        "rates": rates,
-        "wall_s": round(time.perf_counter() - started, 1),
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB",
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-        ).stdout.strip(),
-        "torch_threads": "one per core for (a)-(c) and for sdserve's denoiser; 1 each for sdserve's text encoder and decoder",
-        "gpu": gpu_name(),
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+        started = time.perf_counter()
+        saved.write_text(json.dumps(results, indent=2))
     return results
 
 
@@ -415,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true", help="sd15 architecture, 512x512, 25 steps, fp16 on CUDA")
     parser.add_argument("--out", default="benchmarks/results", help="folder for results.json, logs and plots")
     parser.add_argument("--report", help="write the results section into this Markdown file (BENCHMARKS.md)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
+    parser.add_argument("--eager-unet", action="store_true", help="sdserve with denoiser.cuda_graphs off (GPU)")
+    parser.add_argument("--resume", action="store_true", help="keep the systems OUT/results.json already holds")
     parser.add_argument("--bare-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.bare_child:
@@ -422,10 +500,13 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(raw).items()})
         print(json.dumps(bare_main(model, settings)))
         return 0
-    settings = Settings.quick() if args.quick else Settings.on_gpu() if args.gpu else Settings()
+    settings = Settings.quick(args.gpu) if args.quick else Settings.on_gpu() if args.gpu else Settings()
     marker = "gpu-results" if settings.gpu else "results"
     out = Path(args.out)
-    results = run_all(settings, out)
+    results = run_all(settings, out, args.systems.split(","), resume=args.resume, cuda_graphs=not args.eager_unet)
+    if not all(name in results for name in SYSTEMS):
+        print(f"measured so far: {', '.join(n for n in SYSTEMS if n in results)}; results in {out / 'results.json'}")
+        return 0
     images = plots(results, out)
     section = report(results, images, os.path.relpath(out, Path(args.report).parent) if args.report else str(out))
     (out / "report.md").write_text(section)

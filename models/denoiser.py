@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from models.contracts import DenoiseParams, DenoiseProgress, Latents, PromptEmbeddings
+from models.cudagraphs import GraphedUNet
 from models.previews import PREVIEW_MEDIA_TYPE, latent_preview
 from models.schedulers import create_scheduler
 from models.snapshot import ModelSnapshot
@@ -80,7 +81,9 @@ class DenoiseJob:
 class DenoiserStage:
     """Holds one model's UNet and scheduler config."""
 
-    def __init__(self, name: str, snapshot: ModelSnapshot, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, name: str, snapshot: ModelSnapshot, device: torch.device, dtype: torch.dtype, cuda_graphs: bool = True
+    ) -> None:
         from diffusers import UNet2DConditionModel
 
         self.name = name
@@ -91,6 +94,8 @@ class DenoiserStage:
             snapshot.path, subfolder="unet", torch_dtype=dtype, use_safetensors=snapshot.use_safetensors
         ).to(device)
         self.unet.eval()
+        # On CUDA the forward pass is replayed from captured graphs (one per padded batch shape).
+        self.graphs = GraphedUNet(self.unet) if cuda_graphs and device.type == "cuda" else None
         config_file = snapshot.component_dir("scheduler") / "scheduler_config.json"
         self.scheduler_config: dict[str, Any] = json.loads(config_file.read_text())
         self.vae_scale_factor = snapshot.family.vae_scale_factor
@@ -101,7 +106,12 @@ class DenoiserStage:
         return self.snapshot.version
 
     def loaded_modules(self) -> dict[str, str]:
-        return {"unet": type(self.unet).__name__, "scheduler": "config"}
+        graphs = self.graphs.describe() if self.graphs is not None else None
+        return {
+            "unet": type(self.unet).__name__,
+            "scheduler": "config",
+            "cuda_graphs": "off" if graphs is None else json.dumps(graphs, sort_keys=True),
+        }
 
     def start(self, params: DenoiseParams, embeddings: PromptEmbeddings) -> DenoiseJob:
         """Prepare a job: scheduler, initial noise and guidance inputs, as the reference pipeline does."""
@@ -168,13 +178,12 @@ class DenoiserStage:
             hidden.append(job.hidden_states)
             if job.timestep_cond is not None:
                 conds.append(job.timestep_cond)
-        noise = self.unet(
-            torch.cat(inputs),
-            torch.cat(timesteps),
-            encoder_hidden_states=torch.cat(hidden),
-            timestep_cond=torch.cat(conds) if conds else None,
-            return_dict=False,
-        )[0]
+        sample, steps, states = torch.cat(inputs), torch.cat(timesteps), torch.cat(hidden)
+        cond = torch.cat(conds) if conds else None
+        if self.graphs is not None:
+            noise = self.graphs(sample, steps, states, cond)
+        else:
+            noise = self.unet(sample, steps, encoder_hidden_states=states, timestep_cond=cond, return_dict=False)[0]
         offset = 0
         for job, x in zip(jobs, inputs, strict=True):
             pred = noise[offset : offset + x.shape[0]]

@@ -145,6 +145,12 @@ class TextEncoderSpec(StageSpec):
 class DenoiserSpec(StageSpec):
     """Denoising stage (UNet + scheduler loop with step-level batching)."""
 
+    cuda_graphs: bool = Field(
+        default=True,
+        description="On CUDA, replay the UNet from CUDA graphs (one per padded batch shape) instead of launching "
+        "each kernel from Python.",
+    )
+
 
 class DecoderSpec(StageSpec):
     """Decoding stage (VAE + image encoding)."""

@@ -19,7 +19,7 @@ class DenoiserDeployment(StageReplica):
     def __init__(self, config: dict[str, Any]) -> None:
         from models.denoiser import StepBatcher
 
-        super().__init__(config)
+        super().__init__(config, cuda_graphs=config.get("denoiser", {}).get("cuda_graphs", True))
         self.batcher = StepBatcher(self.executor, max_batch_size=self.spec.max_batch_size, on_step=self._record_step)
 
     def _record_step(self, images: int, waiting: int) -> None:
