@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -207,15 +207,22 @@ def server(cmd: list[str], port: int, log: Path) -> Iterator[tuple[str, dict[str
     handle = log.open("w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    memory = {"peak_rss_mb": 0.0}
+    memory: dict[str, Any] = {"peak_rss_mb": 0.0}
+    peaks: dict[int, tuple[str, float]] = {}  # pid -> (what it is, peak RSS in MB)
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
             try:
                 root = psutil.Process(proc.pid)
-                total = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-                memory["peak_rss_mb"] = max(memory["peak_rss_mb"], total / 2**20)
+                total = 0.0
+                for p in [root, *root.children(recursive=True)]:
+                    with suppress(psutil.Error):
+                        rss = p.memory_info().rss / 2**20
+                        total += rss
+                        # The latest label: Ray workers take their actor's title after they start.
+                        peaks[p.pid] = (process_label(p), max(rss, peaks.get(p.pid, ("", 0.0))[1]))
+                memory["peak_rss_mb"] = max(memory["peak_rss_mb"], total)
             except psutil.Error:
                 pass
             stop.wait(0.5)
@@ -239,8 +246,36 @@ def server(cmd: list[str], port: int, log: Path) -> Iterator[tuple[str, dict[str
         yield url, memory
     finally:
         stop.set()
+        sampler.join()
+        memory["processes_peak_rss_mb"] = by_label(peaks)
         stop_process_group(proc)
         handle.close()
+
+
+def process_label(p: psutil.Process) -> str:
+    """What a process is: Ray's title (``ray::ServeReplica:sdserve:Denoiser``), the module run with ``-m``, the
+    script run, or the executable's name (``raylet``, ``gcs_server``)."""
+    cmd = p.cmdline()
+    if not cmd:
+        return p.name()
+    if cmd[0].startswith("ray::"):
+        return cmd[0].split()[0].removeprefix("ray::")
+    if "-m" in cmd[:-1]:
+        return cmd[cmd.index("-m") + 1]
+    script = next((arg for arg in cmd[1:] if arg.endswith(".py")), None)
+    return Path(script or cmd[0]).name
+
+
+def by_label(peaks: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """Peak RSS per process, largest first; several processes of one kind are numbered."""
+    out: dict[str, float] = {}
+    for label, rss in sorted(peaks.values(), key=lambda item: -item[1]):
+        name, n = label, 1
+        while name in out:
+            n += 1
+            name = f"{label} #{n}"
+        out[name] = round(rss, 1)
+    return out
 
 
 def measure(url: str, settings: Settings, rates: dict[str, float] | None) -> dict[str, Any]:
@@ -449,6 +484,25 @@ Largest difference between the eager and the graphed UNet output on the same inp
 """
 
 
+def memory_table(results: dict[str, Any]) -> str:
+    """Peak RSS of every process of each served system (runs from before this was recorded have none)."""
+    rows = []
+    for name in SYSTEMS:
+        processes = results[name].get("processes_peak_rss_mb")
+        if processes:
+            listed = ", ".join(f"{label} {rss:.0f}" for label, rss in processes.items())
+            rows.append(f"| {SYSTEMS[name]} | {len(processes)} | {listed} |")
+    if not rows:
+        return ""
+    return f"""
+Peak RSS of every process, in MB (the table's figure is the peak of their sum; (a) is one process):
+
+| system | processes | each process's peak RSS (MB), largest first |
+|---|---|---|
+{chr(10).join(rows)}
+"""
+
+
 def report(results: dict[str, Any], images: list[str], image_dir: str) -> str:
     meta = results["meta"]
     s = meta["settings"]
@@ -500,7 +554,7 @@ def report(results: dict[str, Any], images: list[str], image_dir: str) -> str:
 
 (a) runs in-process at its best batch size ({bare["best_batch"]}; images/s by batch: {bare["throughput_by_batch"]}), so it has no
 Poisson rows: it is the compute limit, not a server.
-{unet_table(bare)}
+{memory_table(results)}{unet_table(bare)}
 | target | measured (same run) | verdict |
 |---|---|---|
 {chr(10).join(targets)}

@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 # Rows per UNet call (twice the images under classifier-free guidance) that get a graph of their own.
 ROW_BUCKETS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+# Graphs kept per model version: every (bucket, latent size, prompt length) is one; shapes beyond run eagerly.
+MAX_GRAPHS = 64
 
 
 def bucket_for(rows: int, buckets: tuple[int, ...] = ROW_BUCKETS) -> int | None:
@@ -44,9 +46,10 @@ class GraphedUNet:
     buffer before returning, so graphs may share their memory pool.
     """
 
-    def __init__(self, unet: Any, buckets: tuple[int, ...] = ROW_BUCKETS) -> None:
+    def __init__(self, unet: Any, buckets: tuple[int, ...] = ROW_BUCKETS, max_graphs: int = MAX_GRAPHS) -> None:
         self.unet = unet
         self.buckets = buckets
+        self.max_graphs = max_graphs
         self.graphs: dict[tuple[Any, ...], _Captured] = {}
         self.pool: Any = None
         self.disabled: str | None = None  # why graphs are off (a capture failed)
@@ -70,6 +73,9 @@ class GraphedUNet:
             return self._eager(sample, timesteps, hidden, cond)
         key = (bucket, *sample.shape[1:], sample.dtype, *hidden.shape[1:], None if cond is None else cond.shape[1:])
         captured = self.graphs.get(key)
+        if captured is None and len(self.graphs) >= self.max_graphs:
+            self.eager_calls += 1
+            return self._eager(sample, timesteps, hidden, cond)
         if captured is None:
             try:
                 captured = self._capture(key, bucket, sample, timesteps, hidden, cond)
