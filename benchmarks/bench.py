@@ -259,7 +259,7 @@ def process_label(p: psutil.Process) -> str:
     if not cmd:
         return p.name()
     if cmd[0].startswith("ray::"):
-        return cmd[0].split()[0].removeprefix("ray::")
+        return cmd[0].split()[0].removeprefix("ray::").split(".")[0]  # no method name (".handle_request")
     if "-m" in cmd[:-1]:
         return cmd[cmd.index("-m") + 1]
     script = next((arg for arg in cmd[1:] if arg.endswith(".py")), None)
