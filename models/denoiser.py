@@ -13,10 +13,12 @@ noise draw, same scaling, same guidance arithmetic), so results match the refere
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import logging
 import math
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 
 from models.contracts import DenoiseParams, DenoiseProgress, Latents, PromptEmbeddings
-from models.cudagraphs import GraphedUNet
+from models.cudagraphs import GraphedUNet, bucket_for
 from models.previews import PREVIEW_MEDIA_TYPE, latent_preview
 from models.schedulers import create_scheduler
 from models.snapshot import ModelSnapshot
@@ -82,7 +84,13 @@ class DenoiserStage:
     """Holds one model's UNet and scheduler config."""
 
     def __init__(
-        self, name: str, snapshot: ModelSnapshot, device: torch.device, dtype: torch.dtype, cuda_graphs: bool = True
+        self,
+        name: str,
+        snapshot: ModelSnapshot,
+        device: torch.device,
+        dtype: torch.dtype,
+        cuda_graphs: bool = True,
+        warm_up: tuple[int, int, int] | None = None,
     ) -> None:
         from diffusers import UNet2DConditionModel
 
@@ -100,10 +108,36 @@ class DenoiserStage:
         self.scheduler_config: dict[str, Any] = json.loads(config_file.read_text())
         self.vae_scale_factor = snapshot.family.vae_scale_factor
         self.latent_channels = self.unet.config.in_channels
+        if warm_up is not None:
+            self.warm_up(*warm_up)
 
     @property
     def version(self) -> str:
         return self.snapshot.version
+
+    @torch.inference_mode()
+    def warm_up(self, height: int, width: int, max_images: int) -> int:
+        """Capture the CUDA graphs of every batch of up to ``max_images`` guided images at one size (one-chunk
+        prompts) before serving, so no request waits for a capture. Returns the number of graphs held."""
+        if self.graphs is None:
+            return 0
+        config = self.unet.config
+        latent = (self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        top = bucket_for(2 * max_images, self.graphs.buckets) or self.graphs.buckets[-1]
+        started = time.perf_counter()
+        try:
+            for rows in (b for b in self.graphs.buckets if b <= top):
+                zeros = functools.partial(torch.zeros, device=self.device, dtype=self.dtype)
+                cond = zeros((rows, config.time_cond_proj_dim)) if config.time_cond_proj_dim is not None else None
+                steps = torch.zeros((rows,), device=self.device, dtype=torch.float32)
+                self.graphs(zeros((rows, *latent)), steps, zeros((rows, 77, config.cross_attention_dim)), cond)
+        except Exception:  # a shape the UNet rejects: requests capture their own graphs as they come
+            logger.exception("CUDA graph warm-up of %s failed", self.name)
+        logger.info(
+            "%s: %d CUDA graphs ready for %dx%d, up to %d images per step, in %.1f s",
+            self.name, len(self.graphs.graphs), width, height, max_images, time.perf_counter() - started,
+        )  # fmt: skip
+        return len(self.graphs.graphs)
 
     def loaded_modules(self) -> dict[str, str]:
         graphs = self.graphs.describe() if self.graphs is not None else None

@@ -39,12 +39,13 @@ class StageReplica:
 
     kind: str = ""
 
-    def __init__(self, config: dict[str, Any], **options: Any) -> None:
+    def __init__(self, config: dict[str, Any]) -> None:
         from models.runtime import StageRuntime  # torch is imported inside the replica, never by the ingress
 
         self.config = AppConfig.model_validate(config)
         spec: StageSpec = getattr(self.config, self.kind)
         self.spec = spec
+        options = self.stage_options(self.config)
         cache = self.config.snapshot_cache(SDSERVE_HOME)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.kind}-compute")
         # Build on the compute thread too. Each thread that runs torch work gets its own OpenMP thread team;
@@ -60,6 +61,11 @@ class StageReplica:
         self._loading: dict[str, asyncio.Future[str]] = {}
         self._rollout: asyncio.Task[None] | None = None
         self._retirer: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def stage_options(config: AppConfig) -> dict[str, Any]:
+        """Keyword arguments of this kind's stage constructor, beyond name, snapshot, device and dtype."""
+        return {}
 
     # -- model versions -------------------------------------------------------------------------------------
 

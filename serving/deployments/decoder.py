@@ -7,6 +7,7 @@ from typing import Any
 from ray import serve
 
 from models.contracts import DecodeParams, EncodedImages, Latents
+from serving.config import AppConfig
 from serving.deployments.common import StageReplica
 
 
@@ -15,10 +16,14 @@ class DecoderDeployment(StageReplica):
     kind = "decoder"
 
     def __init__(self, config: dict[str, Any]) -> None:
-        super().__init__(config, tile_above_pixels=config.get("decoder", {}).get("tile_above_pixels", 1024 * 1024))
+        super().__init__(config)
         batcher: Any = self._batch  # serve.batch adds these setters at runtime
         batcher.set_max_batch_size(self.spec.max_batch_size)
         batcher.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+
+    @staticmethod
+    def stage_options(config: AppConfig) -> dict[str, Any]:
+        return {"tile_above_pixels": config.decoder.tile_above_pixels}
 
     def _decode_all(self, items: list[tuple[Latents, DecodeParams]]) -> list[EncodedImages | Exception]:
         by_version: dict[tuple[str, str], list[int]] = {}

@@ -9,6 +9,7 @@ from typing import Any
 from ray import serve
 
 from models.contracts import DenoiseParams, DenoiseProgress, Latents, PromptEmbeddings
+from serving.config import AppConfig
 from serving.deployments.common import StageReplica
 
 
@@ -19,8 +20,15 @@ class DenoiserDeployment(StageReplica):
     def __init__(self, config: dict[str, Any]) -> None:
         from models.denoiser import StepBatcher
 
-        super().__init__(config, cuda_graphs=config.get("denoiser", {}).get("cuda_graphs", True))
+        super().__init__(config)
         self.batcher = StepBatcher(self.executor, max_batch_size=self.spec.max_batch_size, on_step=self._record_step)
+
+    @staticmethod
+    def stage_options(config: AppConfig) -> dict[str, Any]:
+        """CUDA graphs, captured at load for the default size and every batch the step batcher can form."""
+        width, height = (int(v) for v in config.defaults.size.split("x"))
+        images = max(config.denoiser.max_batch_size, config.limits.max_images)
+        return {"cuda_graphs": config.denoiser.cuda_graphs, "warm_up": (height, width, images)}
 
     def _record_step(self, images: int, waiting: int) -> None:
         self.metrics.observe_batch(images)

@@ -7,6 +7,7 @@ from typing import Any
 from ray import serve
 
 from models.contracts import EncodeRequest, PromptEmbeddings
+from serving.config import AppConfig
 from serving.deployments.common import StageReplica
 
 
@@ -15,16 +16,14 @@ class TextEncoderDeployment(StageReplica):
     kind = "text_encoder"
 
     def __init__(self, config: dict[str, Any]) -> None:
-        spec = config.get("text_encoder", {})
-        limits = config.get("limits", {})
-        super().__init__(
-            config,
-            max_prompt_tokens=limits.get("max_prompt_tokens", 225),
-            cache_size=spec.get("cache_size", 4096),
-        )
+        super().__init__(config)
         batcher: Any = self._batch  # serve.batch adds these setters at runtime
         batcher.set_max_batch_size(self.spec.max_batch_size)
         batcher.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+
+    @staticmethod
+    def stage_options(config: AppConfig) -> dict[str, Any]:
+        return {"max_prompt_tokens": config.limits.max_prompt_tokens, "cache_size": config.text_encoder.cache_size}
 
     def _encode_all(self, requests: list[EncodeRequest]) -> list[PromptEmbeddings | Exception]:
         # One bad request (unknown model, prompt too long) must not fail the others in its batch.

@@ -32,8 +32,10 @@ def unet_inputs(unet, rows: int, device: torch.device, dtype: torch.dtype, seed:
 
 
 def test_off_cuda_the_unet_is_called_eagerly(tiny_model_dir: Path) -> None:
-    stage = DenoiserStage("tiny", open_snapshot(str(tiny_model_dir)), torch.device("cpu"), torch.float32)
+    snap = open_snapshot(str(tiny_model_dir))
+    stage = DenoiserStage("tiny", snap, torch.device("cpu"), torch.float32, warm_up=(64, 64, 4))
     assert stage.graphs is None and stage.loaded_modules()["cuda_graphs"] == "off"
+    assert stage.warm_up(64, 64, 4) == 0
     graphed = GraphedUNet(stage.unet)
     sample, steps, hidden = unet_inputs(stage.unet, 3, torch.device("cpu"), torch.float32)
     with torch.inference_mode():
@@ -70,3 +72,18 @@ def test_denoising_with_graphs_matches_without(tiny_model_dir: Path) -> None:
     graphed = DenoiserStage("tiny", snap, cuda, torch.float16).run(params, emb).tensor
     eager = DenoiserStage("tiny", snap, cuda, torch.float16, cuda_graphs=False).run(params, emb).tensor
     torch.testing.assert_close(graphed, eager, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_warm_up_captures_every_batch_before_the_first_request(tiny_model_dir: Path) -> None:
+    cuda = torch.device("cuda")
+    snap = open_snapshot(str(tiny_model_dir))
+    stage = DenoiserStage("tiny", snap, cuda, torch.float16, warm_up=(64, 64, 3))
+    assert stage.graphs is not None
+    assert len(stage.graphs.graphs) == 4  # rows 1, 2, 4, 6: up to three guided images
+    encoder = TextEncoderStage("tiny", snap, cuda, torch.float16)
+    (emb,) = encoder.encode([EncodeRequest("tiny", "a red cube", "blurry", True)])
+    for images in (1, 2, 3):
+        stage.run(DenoiseParams("tiny", 64, 64, 3, 7.5, "euler", seed=1, num_images=images), emb)
+    assert stage.graphs.describe() == {"graphs": 4, "replays": 9, "eager_calls": 0}  # nothing captured late
