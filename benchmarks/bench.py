@@ -315,11 +315,15 @@ def sdserve_config(model: Path, settings: Settings, path: Path, port: int, cuda_
         "defaults": {"size": settings.size, "steps": settings.steps, "scheduler": "euler"},
         "limits": {"max_size": 1024, "request_timeout_s": 900},
         # Every core for the denoiser, one thread each for the light stages (same thread budget as (a)-(c)).
-        "denoiser": {"max_batch_size": 16 if settings.gpu else 4, "max_queued_requests": -1, "torch_threads": cpus},
+        "denoiser": {
+            "max_batch_size": 16 if settings.gpu else 4,
+            "max_queued_requests": -1,
+            "torch_threads": cpus,
+            "cuda_graphs": cuda_graphs,
+        },
         "text_encoder": {"max_queued_requests": -1, "torch_threads": 1},
         "decoder": {"max_queued_requests": -1, "torch_threads": 1},
     }
-    config["denoiser"]["cuda_graphs"] = cuda_graphs
     if settings.gpu:  # one GPU shared by the three stages, most of it for the denoiser
         for stage, share in (("text_encoder", 0.1), ("denoiser", 0.6), ("decoder", 0.3)):
             config[stage]["resources"] = {"num_gpus": share}
@@ -383,7 +387,7 @@ def run_all(
               flush=True)  # fmt: skip
         results["meta"] = {
             "settings": asdict(settings),
-            "rates": rates or poisson_rates(settings, results["lock_server"]["throughput_ips"])
+            "rates": poisson_rates(settings, results["lock_server"]["throughput_ips"])
             if "lock_server" in results
             else {},
             "wall_s": round(results.get("meta", {}).get("wall_s", 0) + time.perf_counter() - started, 1),

@@ -34,6 +34,8 @@ from models.snapshot import ModelSnapshot
 
 logger = logging.getLogger(__name__)
 
+CLIP_WINDOW = 77  # tokens per prompt chunk: the sequence length of a one-chunk prompt's hidden states
+
 
 def guidance_embedding(scale: float, dim: int, dtype: torch.dtype) -> torch.Tensor:
     """Sinusoidal embedding of the guidance scale for guidance-distilled (LCM) UNets, shape (1, dim)."""
@@ -125,12 +127,13 @@ class DenoiserStage:
         latent = (self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         top = bucket_for(2 * max_images, self.graphs.buckets) or self.graphs.buckets[-1]
         started = time.perf_counter()
+        zeros = functools.partial(torch.zeros, device=self.device, dtype=self.dtype)
         try:
             for rows in (b for b in self.graphs.buckets if b <= top):
-                zeros = functools.partial(torch.zeros, device=self.device, dtype=self.dtype)
                 cond = zeros((rows, config.time_cond_proj_dim)) if config.time_cond_proj_dim is not None else None
                 steps = torch.zeros((rows,), device=self.device, dtype=torch.float32)
-                self.graphs(zeros((rows, *latent)), steps, zeros((rows, 77, config.cross_attention_dim)), cond)
+                hidden = zeros((rows, CLIP_WINDOW, config.cross_attention_dim))
+                self.graphs(zeros((rows, *latent)), steps, hidden, cond)
         except Exception:  # a shape the UNet rejects: requests capture their own graphs as they come
             logger.exception("CUDA graph warm-up of %s failed", self.name)
         logger.info(
