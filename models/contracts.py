@@ -6,7 +6,7 @@ never pass through JSON or base64. The ingress only ever sees the final encoded 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -34,7 +34,6 @@ class PromptEmbeddings:
     model_version: str
     positive: torch.Tensor
     negative: torch.Tensor | None
-    num_tokens: int  # prompt tokens before padding, for reporting
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,6 @@ class DenoiseParams:
     scheduler: str
     seed: int
     num_images: int = 1
-    eta: float = 0.0
     ref: str = ""  # pinned model reference to use; empty: the replica's active version of `model`
 
 
@@ -88,7 +86,4 @@ class EncodedImages:
 
     images: list[bytes]
     media_type: str
-    width: int
-    height: int
     model_version: str
-    timings_ms: dict[str, float] = field(default_factory=dict)

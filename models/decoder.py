@@ -82,8 +82,6 @@ class DecoderStage:
                 EncodedImages(
                     images=files,
                     media_type=MEDIA_TYPES[params.output_format],
-                    width=images.shape[2],
-                    height=images.shape[1],
                     model_version=latents.model_version,
                 )
             )

@@ -109,7 +109,8 @@ class DenoiserStage:
         config_file = snapshot.component_dir("scheduler") / "scheduler_config.json"
         self.scheduler_config: dict[str, Any] = json.loads(config_file.read_text())
         self.vae_scale_factor = snapshot.family.vae_scale_factor
-        self.latent_channels = self.unet.config.in_channels
+        # The family's latent channels, not the UNet's input channels (an inpainting UNet takes more).
+        self.latent_channels = snapshot.family.latent_channels
         if warm_up is not None:
             self.warm_up(*warm_up)
 
@@ -188,7 +189,7 @@ class DenoiserStage:
         accepted = set(inspect.signature(scheduler.step).parameters)
         step_kwargs: dict[str, Any] = {}
         if "eta" in accepted:
-            step_kwargs["eta"] = params.eta
+            step_kwargs["eta"] = 0.0  # DDIM's eta, as the reference pipeline defaults it (not exposed)
         if "generator" in accepted:
             step_kwargs["generator"] = generator
         return DenoiseJob(

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from models.snapshot import MODEL_FAMILIES
 from models.tokenizer_vocab import BOS_TOKEN, EOS_TOKEN, build_vocab
 
 # SD1.5's scheduler config (PNDM with the scaled-linear schedule it was trained with).
@@ -186,7 +187,7 @@ def create_test_model(
     vae: Any = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        latent_channels=4,
+        latent_channels=MODEL_FAMILIES["sd1"].latent_channels,
         down_block_types=_VAE_DOWN,
         up_block_types=_VAE_UP,
         sample_size=spec.default_resolution,

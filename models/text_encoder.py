@@ -139,7 +139,6 @@ class TextEncoderStage:
                     model_version=self.version,
                     positive=positive.unsqueeze(0),
                     negative=negative,
-                    num_tokens=len(texts[req.prompt]),
                 )
             )
         return results

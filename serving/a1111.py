@@ -18,13 +18,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import APIRouter, Body
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.contracts import DenoiseProgress
 from models.schedulers import SCHEDULERS
-from serving.errors import ApiError, invalid
+from serving.errors import ApiError, invalid, validation_error
+from serving.resolver import GenerationRequest
 from serving.schemas import ImageGenerationRequest
-from serving.service import GenerationRequest, GenerationService
+from serving.service import GenerationService
 
 MAX_A1111_SEED = 2**32 - 1
 
@@ -38,17 +39,17 @@ class Txt2ImgRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    prompt: str = Field(description="What to draw.")
+    prompt: str = Field(default="", description="What to draw; empty samples unconditionally, as in A1111.")
     negative_prompt: str = Field(default="", description="What to steer away from.")
-    steps: int = Field(default=20, ge=1, le=150, description="Sampling steps.")
-    cfg_scale: float = Field(default=7.0, ge=0, le=30, description="Classifier-free guidance scale.")
+    steps: int = Field(default=20, ge=1, description="Sampling steps (at most limits.max_steps).")
+    cfg_scale: float = Field(default=7.0, ge=0, description="Guidance scale (at most limits.max_guidance_scale).")
     sampler_name: str | None = Field(default=None, description="Sampler as A1111 names it, e.g. 'Euler a'.")
     sampler_index: str | None = Field(default=None, description="Older clients' name for sampler_name.")
     scheduler: str | None = Field(default=None, description="A1111 1.9+ schedule type: 'Automatic' or 'Karras'.")
     seed: int = Field(default=-1, ge=-1, le=MAX_A1111_SEED, description="Seed; -1 picks one.")
-    width: int = Field(default=512, ge=8, description="Width in pixels.")
-    height: int = Field(default=512, ge=8, description="Height in pixels.")
-    batch_size: int = Field(default=1, ge=1, le=8, description="Images per iteration.")
+    width: int = Field(default=512, ge=8, description="Width in pixels, a multiple of 8.")
+    height: int = Field(default=512, ge=8, description="Height in pixels, a multiple of 8.")
+    batch_size: int = Field(default=1, ge=1, description="Images per iteration (at most limits.max_images).")
     n_iter: int = Field(default=1, ge=1, le=100, description="Iterations (batches), run one after another.")
     override_settings: dict[str, Any] = Field(
         default_factory=dict, description="Only sd_model_checkpoint is honoured (a model from sd-models)."
@@ -123,23 +124,35 @@ class A1111Api:
         )
 
     def prepare(self, body: Txt2ImgRequest) -> GenerationRequest:
+        """The native request, checked by the same resolver as every other route; errors name A1111's fields.
+
+        Sizes that are not multiples of 8 are refused with a 422 naming ``width`` / ``height`` rather than
+        rounded (A1111 silently floors them, so its output would not have the size asked for)."""
         extra = body.model_extra or {}
         for name in UNSUPPORTED_WHEN_SET:
             if extra.get(name):
                 raise invalid(f"{name} is not supported by this server", name)
-        native = ImageGenerationRequest(
-            prompt=body.prompt,
-            negative_prompt=body.negative_prompt or None,
-            model=self._model(body.override_settings),
-            n=body.batch_size,
-            size=f"{body.width}x{body.height}",
-            steps=body.steps,
-            guidance_scale=body.cfg_scale,
-            seed=body.seed if body.seed >= 0 else secrets.randbelow(MAX_A1111_SEED),
-            scheduler=resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler),
-            output_format="png",
-        )
-        return self.service.prepare(native)
+        for name, value in (("width", body.width), ("height", body.height)):
+            if value % 8:
+                raise invalid(f"{name} {value} is not a multiple of 8", name)
+        try:
+            native = ImageGenerationRequest(
+                prompt=body.prompt,
+                negative_prompt=body.negative_prompt or None,
+                model=self._model(body.override_settings),
+                n=body.batch_size,
+                size=f"{body.width}x{body.height}",
+                steps=body.steps,
+                guidance_scale=body.cfg_scale,
+                seed=body.seed if body.seed >= 0 else secrets.randbelow(MAX_A1111_SEED),
+                scheduler=resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler),
+                output_format="png",
+            )
+            return self.service.prepare(native)
+        except ValidationError as exc:
+            raise _a1111_names(validation_error(exc.errors())) from exc
+        except ApiError as err:
+            raise _a1111_names(err) from err
 
     async def txt2img(self, body: Txt2ImgRequest) -> Txt2ImgResponse:
         req = self.prepare(body)
@@ -232,6 +245,22 @@ class A1111Api:
             }
             for m in self.service.models.specs.values()
         ]
+
+
+# Native field -> the A1111 field a client sent it as.
+_A1111_FIELDS = {"n": "batch_size", "guidance_scale": "cfg_scale", "scheduler": "sampler_name"}
+
+
+def _a1111_names(err: ApiError) -> ApiError:
+    """The same error, naming the field as the A1111 client wrote it (``size`` -> ``width`` or ``height``)."""
+    param, message = err.param, err.message
+    if param == "size":
+        param = "height" if message.startswith("height") else "width"
+    elif param in _A1111_FIELDS:
+        if message.startswith(f"{param} "):
+            message = f"{_A1111_FIELDS[param]}{message[len(param) :]}"
+        param = _A1111_FIELDS[param]
+    return ApiError(err.status, err.code, message, param, err.headers)
 
 
 def _info(body: Txt2ImgRequest, req: GenerationRequest, seeds: list[int], version: str, task: _Task) -> dict[str, Any]:

@@ -10,14 +10,15 @@ from typing import Any
 
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.convertors import Convertor, register_url_convertor
 
 from models.schedulers import SCHEDULERS
 from serving.a1111 import A1111Api, create_router
-from serving.errors import ApiError, install_error_handlers
+from serving.errors import ApiError, BodySizeLimit, install_error_handlers
 from serving.jobs import JobManager, image_path
 from serving.jobstore import JobRecord
 from serving.metrics import ApiMetrics
-from serving.outputs import OutputStore
+from serving.outputs import IMAGE_ID_PATTERN, MEDIA_TYPES, OutputStore
 from serving.schemas import (
     ErrorDetail,
     ErrorResponse,
@@ -34,10 +35,32 @@ from serving.schemas import (
 )
 from serving.service import GenerationService
 
+# Image routes answer with the file itself; the OpenAPI document says so instead of application/json.
+_IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The image file.", "content": {media: {} for media in MEDIA_TYPES.values()}}
+}
+
+
+class _ImageIdConvertor(Convertor[str]):
+    """Path segment of an image id (``<32 hex>.<ext>``): any other segment under /v1/images/ is no image, so
+    ``GET /v1/images/generations`` is a 405 for the POST route, not a missing image."""
+
+    regex = IMAGE_ID_PATTERN
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("image_id", _ImageIdConvertor())
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
         404: "Unknown model",
+        413: "Request body too large",
         422: "Invalid request",
         500: "Internal error",
         503: "Overloaded or a stage is unavailable",
@@ -91,6 +114,7 @@ def create_api(
     )
     install_error_handlers(app, on_error=metrics.observe_error if metrics else None)
     config = service.config
+    app.add_middleware(BodySizeLimit, max_bytes=config.limits.max_body_bytes)
 
     if metrics is not None:
 
@@ -132,7 +156,9 @@ def create_api(
         headers = {"x-sdserve-model-version": result.model_version, "x-sdserve-seed": str(req.seed)}
         return JSONResponse(response.model_dump(mode="json", exclude_none=True), headers=headers)
 
-    @app.get("/v1/images/{image_id}", responses={404: _ERRORS[404]})
+    @app.get(
+        "/v1/images/{image_id:image_id}", response_class=Response, responses={**_IMAGE_RESPONSES, 404: _ERRORS[404]}
+    )
     async def get_image(image_id: str) -> Response:
         found = outputs.get(image_id)
         if found is None:
@@ -163,7 +189,11 @@ def create_api(
         """Cancel a job: the denoiser drops it before its next step. A finished job is left as it is."""
         return job_response(await jobs.cancel(job_id), base_url(request))
 
-    @app.get("/v1/jobs/{job_id}/events", responses={404: _ERRORS[404]}, response_class=StreamingResponse)
+    @app.get(
+        "/v1/jobs/{job_id}/events",
+        response_class=StreamingResponse,
+        responses={200: {"description": "Server-Sent Events", "content": {"text/event-stream": {}}}, 404: _ERRORS[404]},
+    )
     async def job_events(
         job_id: str, last_event_id: str | None = Header(default=None, max_length=64)
     ) -> StreamingResponse:
@@ -188,7 +218,9 @@ def create_api(
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
-    @app.get("/v1/jobs/{job_id}/images/{index}", responses={404: _ERRORS[404]})
+    @app.get(
+        "/v1/jobs/{job_id}/images/{index}", response_class=Response, responses={**_IMAGE_RESPONSES, 404: _ERRORS[404]}
+    )
     async def job_image(job_id: str, index: int) -> Response:
         data, media_type = await jobs.image(job_id, index)
         return Response(content=data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})

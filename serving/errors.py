@@ -10,10 +10,12 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,11 @@ def invalid(message: str, param: str | None = None) -> ApiError:
 def validation_error(errors: Sequence[Any]) -> ApiError:
     """A 422 from pydantic's error list (request bodies over REST, request messages over gRPC)."""
     first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+        where = [p for p in first.get("loc", ()) if isinstance(p, int)]
+        at = f" at character {where[0]}" if where else ""
+        detail = (first.get("ctx") or {}).get("error") or first.get("msg")
+        return invalid(f"the request body is not valid JSON{at}: {detail}")
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     message = "; ".join(
         f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}" for e in errors
@@ -82,12 +89,59 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[str], None] | None 
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(validation_error(exc.errors()))
 
+    @app.exception_handler(ValidationError)
+    async def _model_validation(_: Request, exc: ValidationError) -> JSONResponse:
+        # A request model built inside a handler (an adapter translating its own wire format) failed.
+        return error_response(validation_error(exc.errors()))
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # FastAPI answers 400 for a body it could not parse at all (e.g. JSON nested past Python's
+            # recursion limit); like any other malformed body, that is a 422 here.
+            return error_response(invalid(f"the request body could not be parsed: {exc.detail}"))
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return error_response(ApiError(exc.status_code, code, str(exc.detail)))
+        # Starlette's headers (Allow on a 405) are part of the answer.
+        return error_response(ApiError(exc.status_code, code, str(exc.detail), headers=dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
     async def _crash(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error")
         return error_response(ApiError(500, "internal_error", f"internal error: {type(exc).__name__}"))
+
+
+class BodySizeLimit:
+    """ASGI middleware: refuse a request body over ``max_bytes`` with a 413 in the one error shape.
+
+    A declared ``Content-Length`` over the limit is refused before a byte of the body is read; a chunked body
+    is counted as it arrives and refused once it passes the limit, so an oversized body is never held whole.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _error(self) -> ApiError:
+        return ApiError(413, "payload_too_large", f"the request body is larger than {self.max_bytes} bytes")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await _respond(self._error())(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    # FastAPI re-raises its HTTPException from body parsing; the handler above shapes it.
+                    raise HTTPException(413, self._error().message)
+            return message
+
+        await self.app(scope, counted, send)

@@ -1,7 +1,8 @@
 """Wire schemas of the REST API: the OpenAI Images API request and response, plus sdserve's extensions.
 
-Static bounds (the ones every deployment shares) live here, once; the service checks the per-deployment
-limits from ``AppConfig.limits`` on top, with the same error shape.
+Only shape and type are checked here (strict types: a JSON ``true`` is not a number, ``"2"`` is not an integer).
+Every bound a deployment can change (steps, images, guidance, size, prompt length) is ``AppConfig.limits``,
+checked once by ``RequestResolver``, so raising a limit in the config is all it takes.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ MAX_SEED = 2**63 - 1
 class ImageGenerationRequest(BaseModel):
     """``POST /v1/images/generations`` (OpenAI Images API, with Stable Diffusion extensions)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(min_length=1, description="What to draw.")
+    prompt: str = Field(description="What to draw; an empty prompt samples unconditionally.")
     model: str | None = Field(default=None, description="Model name from GET /v1/models; the default model if unset.")
-    n: int = Field(default=1, ge=1, le=8, description="Number of images (1-8).")
+    n: int = Field(default=1, ge=1, description="Number of images (at most limits.max_images).")
     size: str | None = Field(
         default=None, description="WIDTHxHEIGHT in pixels, multiples of 8 (e.g. 512x512); the default if unset."
     )
@@ -35,8 +36,10 @@ class ImageGenerationRequest(BaseModel):
     style: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
     # Stable Diffusion extensions.
     negative_prompt: str | None = Field(default=None, description="What to steer away from.")
-    steps: int | None = Field(default=None, ge=1, le=150, description="Denoising steps (1-150).")
-    guidance_scale: float | None = Field(default=None, ge=0, le=30, description="Classifier-free guidance (0-30).")
+    steps: int | None = Field(default=None, ge=1, description="Denoising steps (at most limits.max_steps).")
+    guidance_scale: float | None = Field(
+        default=None, ge=0, description="Classifier-free guidance (at most limits.max_guidance_scale)."
+    )
     seed: int | None = Field(
         default=None, ge=0, le=MAX_SEED, description="Random seed; the same request and seed give the same image."
     )

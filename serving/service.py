@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,13 +24,13 @@ from models.contracts import (
     EncodedImages,
     EncodeRequest,
     Latents,
-    OutputFormat,
 )
 from models.errors import StageInputError, UnknownModelError
 from models.registry.errors import RegistryError
 from serving.config import AppConfig, ModelCatalog, ModelSpec
 from serving.env import SDSERVE_HOME
 from serving.errors import ApiError, invalid
+from serving.resolver import GenerationRequest, RequestResolver
 from serving.schemas import ImageGenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -39,26 +38,6 @@ logger = logging.getLogger(__name__)
 STAGES = ("text_encoder", "denoiser", "decoder")
 
 OnProgress = Callable[[DenoiseProgress], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """A request with every default filled in and every limit checked; transport-neutral."""
-
-    model: str
-    prompt: str
-    negative_prompt: str | None
-    width: int
-    height: int
-    num_images: int
-    steps: int
-    guidance_scale: float
-    scheduler: str
-    seed: int
-    output_format: OutputFormat
-    quality: int | None = None
-    user: str | None = None
-    ref: str = ""  # the pinned model reference this request runs on (every stage uses the same version)
 
 
 @dataclass
@@ -77,51 +56,14 @@ class GenerationService:
         self.config = config
         self.handles = {"text_encoder": text_encoder, "denoiser": denoiser, "decoder": decoder}
         self.models = ModelCatalogState()
+        self.resolver = RequestResolver(config, self.models)
         self.snapshots = config.snapshot_cache(SDSERVE_HOME)  # pins references (offline: from what is cached)
 
     # -- requests ---------------------------------------------------------------------------------------------
 
     def prepare(self, req: ImageGenerationRequest) -> GenerationRequest:
-        """Fill defaults from the config and check the config's limits (the schema checked the rest)."""
-        limits, defaults = self.config.limits, self.config.defaults
-        model = req.model or self.models.default
-        if model is None or model not in self.models.specs:
-            raise ApiError(404, "model_not_found", f"model {model!r} is not served; see GET /v1/models", "model")
-        ref = self.models.active.get(model)
-        if ref is None:
-            raise ApiError(
-                503, "model_unavailable", f"model {model!r} has no loaded version: {self.models.errors.get(model)}"
-            )
-        width, height = (int(v) for v in (req.size or defaults.size).split("x"))
-        for name, value in (("width", width), ("height", height)):
-            if not limits.min_size <= value <= limits.max_size:
-                raise invalid(f"{name} {value} is outside {limits.min_size}-{limits.max_size}", "size")
-            if value % 8:
-                raise invalid(f"{name} {value} is not a multiple of 8", "size")
-        steps = req.steps if req.steps is not None else defaults.steps
-        if steps > limits.max_steps:
-            raise invalid(f"steps must be at most {limits.max_steps}", "steps")
-        if req.n > limits.max_images:
-            raise invalid(f"n must be at most {limits.max_images}", "n")
-        guidance = req.guidance_scale if req.guidance_scale is not None else defaults.guidance_scale
-        if guidance > limits.max_guidance_scale:
-            raise invalid(f"guidance_scale must be at most {limits.max_guidance_scale}", "guidance_scale")
-        return GenerationRequest(
-            model=model,
-            prompt=req.prompt,
-            negative_prompt=req.negative_prompt,
-            width=width,
-            height=height,
-            num_images=req.n,
-            steps=steps,
-            guidance_scale=guidance,
-            scheduler=req.scheduler or defaults.scheduler,
-            seed=req.seed if req.seed is not None else secrets.randbelow(2**32),
-            output_format=req.output_format or defaults.output_format,
-            quality=req.output_compression,
-            user=req.user,
-            ref=ref,
-        )
+        """Fill defaults and check the configured limits (see ``RequestResolver``)."""
+        return self.resolver.resolve(req)
 
     async def generate(
         self, req: GenerationRequest, on_progress: OnProgress | None = None, preview: bool = False

@@ -8,12 +8,17 @@ import json
 import threading
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from tests.integration.conftest import LiveService
 
 pytestmark = pytest.mark.integration
+
+# An image made in a batch and the same seed made alone differ by at most this many 8-bit levels per channel
+# (measured by `python -m benchmarks.batch_invariance`; README "Determinism and batching").
+BATCH_TOLERANCE_LEVELS = 1
 
 BODY = {
     "prompt": "a cozy cabin",
@@ -48,9 +53,19 @@ def test_txt2img_shape_seeds_and_reproducibility(live: LiveService) -> None:
         assert info["all_seeds"] == [1234, 1235, 1236, 1237] and info["seed"] == 1234
         assert info["sampler_name"] == "Euler a" and info["cfg_scale"] == 6.5 and info["steps"] == 3
         assert info["infotexts"][1].startswith("a cozy cabin\nNegative prompt: blurry\nSteps: 3, Sampler: Euler a")
-        # Each image is reproducible alone from its seed, as A1111 users expect.
+        # Image i re-created alone from its seed: the same picture within the documented tolerance (the batch
+        # it ran in may round the last bits differently; README "Determinism and batching").
         alone = client.post("/sdapi/v1/txt2img", json={**BODY, "seed": 1236, "batch_size": 1, "n_iter": 1}).json()
-        assert alone["images"][0] == body["images"][2]
+        assert _levels_apart(alone["images"][0], body["images"][2]) <= BATCH_TOLERANCE_LEVELS
+        # ... and not merely any image: another seed is far from it.
+        assert _levels_apart(alone["images"][0], body["images"][3]) > 10 * BATCH_TOLERANCE_LEVELS
+
+
+def _levels_apart(a: str, b: str) -> int:
+    """Largest per-channel difference of two base64 PNGs, in 8-bit levels."""
+    x, y = (np.asarray(Image.open(io.BytesIO(base64.b64decode(v))), dtype=np.int16) for v in (a, b))
+    assert x.shape == y.shape
+    return int(np.abs(x - y).max())
 
 
 @pytest.mark.parametrize(
@@ -78,14 +93,28 @@ def test_sampler_names_as_a1111_users_write_them(
 
 def test_unsupported_and_invalid_fields_use_the_error_shape(live: LiveService) -> None:
     with live.client() as client:
-        for body, param in (
-            ({"prompt": "x", "sampler_name": "Euler z"}, "sampler_name"),
-            ({"prompt": "x", "enable_hr": True}, "enable_hr"),
-            ({"prompt": "x", "steps": 500}, "steps"),
-            ({"prompt": "x", "override_settings": {"sd_model_checkpoint": "other"}}, "sd_model_checkpoint"),
+        for body, status, param in (
+            ({"prompt": "x", "sampler_name": "Euler z"}, 422, "sampler_name"),
+            ({"prompt": "x", "enable_hr": True}, 422, "enable_hr"),
+            ({"prompt": "x", "steps": 500}, 422, "steps"),
+            ({"prompt": "x", "batch_size": 9}, 422, "batch_size"),
+            ({"prompt": "x", "cfg_scale": 31}, 422, "cfg_scale"),
+            ({"prompt": "a", "width": 63, "height": 64}, 422, "width"),
+            ({"prompt": "a", "width": 64, "height": 2048}, 422, "height"),
+            ({"prompt": "x", "override_settings": {"sd_model_checkpoint": "other"}}, 404, "sd_model_checkpoint"),
         ):
             response = client.post("/sdapi/v1/txt2img", json=body)
-            assert response.status_code in (404, 422) and response.json()["error"]["param"] == param
+            assert response.status_code == status, (body, response.text)
+            assert response.json()["error"]["param"] == param, (body, response.text)
+
+
+def test_empty_prompt_is_accepted_as_in_a1111(live: LiveService) -> None:
+    with live.client() as client:
+        response = client.post("/sdapi/v1/txt2img", json={"prompt": "", "steps": 2, "width": 64, "height": 64})
+        assert response.status_code == 200, response.text
+        assert len(response.json()["images"]) == 1
+        # No prompt at all is A1111's default: the empty prompt.
+        assert client.post("/sdapi/v1/txt2img", json={"steps": 2, "width": 64, "height": 64}).status_code == 200
 
 
 def test_models_and_samplers(live: LiveService) -> None:
@@ -114,8 +143,7 @@ def test_progress_and_interrupt(live: LiveService) -> None:
             time.sleep(0.1)
         assert progress["state"]["sampling_steps"] == 150 and progress["state"]["job_count"] == 3
         assert 0 < progress["progress"] < 1 and progress["current_image"]
-        started = time.monotonic()
         assert client.post("/sdapi/v1/interrupt").status_code == 200
-        worker.join(timeout=60)
-        assert time.monotonic() - started < 15
+        worker.join(timeout=600)  # uninterrupted, the call would return three images instead
+        assert not worker.is_alive()
     assert result["images"] == [] and json.loads(result["info"])["interrupted"] is True

@@ -1,0 +1,100 @@
+"""Request resolution: the configured limits are the only bounds, defaults come from the config."""
+
+from __future__ import annotations
+
+import pytest
+
+from serving.a1111 import A1111Api, Txt2ImgRequest
+from serving.config import AppConfig, ModelSpec
+from serving.errors import ApiError
+from serving.resolver import CHARS_PER_TOKEN, RequestResolver
+from serving.schemas import ImageGenerationRequest
+from serving.service import GenerationService, ModelCatalogState
+
+
+def resolver(**limits: object) -> RequestResolver:
+    config = AppConfig.model_validate({"limits": limits, "models": [{"name": "m", "source": "/models/m"}]})
+    models = ModelCatalogState(specs={"m": ModelSpec(name="m", source="/models/m")}, default="m")
+    models.active["m"] = "/models/m"
+    return RequestResolver(config, models)
+
+
+def refused(r: RequestResolver, **fields: object) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        r.resolve(ImageGenerationRequest.model_validate({"prompt": "a cat", **fields}))
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("limit", "field", "allowed", "over"),
+    [
+        ("max_steps", "steps", 300, 301),
+        ("max_images", "n", 12, 13),
+        ("max_guidance_scale", "guidance_scale", 45.0, 45.5),
+    ],
+)
+def test_raising_a_limit_in_the_config_raises_it_on_the_wire(limit: str, field: str, allowed: float, over: float):
+    r = resolver(**{limit: allowed})
+    req = r.resolve(ImageGenerationRequest.model_validate({"prompt": "a cat", field: allowed}))
+    assert {"steps": req.steps, "n": req.num_images, "guidance_scale": req.guidance_scale}[field] == allowed
+    err = refused(r, **{field: over})
+    assert (err.status, err.code, err.param) == (422, "invalid_request", field)
+    assert str(allowed).rstrip("0").rstrip(".") in err.message
+
+
+def test_lowering_a_limit_lowers_it():
+    err = refused(resolver(max_steps=10), steps=11)
+    assert (err.status, err.param) == (422, "steps")
+
+
+def test_size_bounds_come_from_the_config():
+    r = resolver(max_size=2048)
+    assert r.resolve(ImageGenerationRequest(prompt="x", size="2048x64")).width == 2048
+    assert refused(r, size="2056x64").param == "size"
+    assert refused(resolver(min_size=128), size="64x128").param == "size"
+
+
+def test_prompt_length_is_checked_before_tokenizing():
+    r = resolver(max_prompt_tokens=75)
+    limit = 75 * CHARS_PER_TOKEN
+    assert r.resolve(ImageGenerationRequest(prompt="a" * limit)).prompt
+    for field in ("prompt", "negative_prompt"):
+        err = refused(r, **{field: "a" * (limit + 1)})
+        assert (err.status, err.param) == (422, field)
+
+
+def test_empty_prompt_samples_unconditionally():
+    assert resolver().resolve(ImageGenerationRequest(prompt="")).prompt == ""
+
+
+def test_a1111_errors_name_a1111_fields():
+    service = GenerationService(
+        AppConfig.model_validate({"models": [{"name": "m", "source": "/models/m"}], "limits": {"max_images": 4}}),
+        None,
+        None,
+        None,
+    )
+    service.models.specs = {"m": ModelSpec(name="m", source="/models/m")}
+    service.models.default = "m"
+    service.models.active["m"] = "/models/m"
+    api = A1111Api(service)
+    for body, param in (
+        ({"batch_size": 5}, "batch_size"),
+        ({"cfg_scale": 31.0}, "cfg_scale"),
+        ({"width": 63}, "width"),
+        ({"height": 4096}, "height"),
+        ({"width": 2048}, "width"),
+        ({"prompt": "a" * (225 * CHARS_PER_TOKEN + 1)}, "prompt"),
+    ):
+        with pytest.raises(ApiError) as info:
+            api.prepare(Txt2ImgRequest.model_validate(body))
+        assert (info.value.status, info.value.param) == (422, param), body
+        assert info.value.message.startswith(param) or param == "prompt", info.value.message
+    assert api.prepare(Txt2ImgRequest.model_validate({"batch_size": 4})).num_images == 4
+
+
+def test_config_refuses_a_default_size_outside_the_limits():
+    with pytest.raises(ValueError, match="defaults.size"):
+        AppConfig.model_validate({"defaults": {"size": "100x64"}})
+    with pytest.raises(ValueError, match="defaults.size"):
+        AppConfig.model_validate({"defaults": {"size": "2048x2048"}})
