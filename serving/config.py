@@ -188,6 +188,11 @@ class LimitsSpec(_Strict):
         default=2, ge=0, le=10, description="Times a request is re-run when a stage replica dies under it."
     )
     retry_after_s: int = Field(default=2, ge=1, description="Retry-After seconds sent with 503 when queues are full.")
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024,
+        description="Largest HTTP request body in bytes; a larger one is refused with 413 before it is read whole.",
+    )
 
 
 class DefaultsSpec(_Strict):
@@ -241,6 +246,31 @@ class JobsSpec(_Strict):
     )
     key_prefix: str = Field(default="sdserve", description="Prefix of the job store's Redis keys.")
     keepalive_s: float = Field(default=15.0, gt=0, description="Seconds between SSE keep-alive comments.")
+    max_running: int = Field(
+        default=16,
+        ge=1,
+        description="Jobs one ingress replica sends to the stages at once; the rest wait in its job queue, first "
+        "come first served. The default keeps one denoiser replica busy (its max_ongoing_requests); raise it "
+        "with the denoiser's replicas.",
+    )
+    max_queued: int = Field(
+        default=64,
+        ge=0,
+        description="Jobs waiting in one ingress replica's job queue; beyond that POST /v1/jobs and GenerateStream "
+        "answer 503 overloaded (with Retry-After).",
+    )
+    memory_max_jobs: int = Field(
+        default=1000,
+        ge=1,
+        description="memory:// store: most jobs one ingress replica keeps. The jobs that finished earliest are "
+        "dropped first; an unfinished job never is (new jobs get 503 overloaded instead).",
+    )
+    memory_max_bytes: int = Field(
+        default=512 * 2**20,
+        ge=2**20,
+        description="memory:// store: most bytes of result images, events (previews included) and requests one "
+        "ingress replica keeps; dropped like memory_max_jobs.",
+    )
 
     @field_validator("store_url")
     @classmethod
@@ -292,14 +322,14 @@ class AppConfig(_Strict):
             raise ValueError(f"defaults.scheduler must be one of {sorted(SCHEDULERS)}")
         if self.limits.min_size > self.limits.max_size:
             raise ValueError("limits.min_size must not exceed limits.max_size")
+        for side in (int(v) for v in self.defaults.size.split("x")):
+            if side % 8 or not self.limits.min_size <= side <= self.limits.max_size:
+                raise ValueError("defaults.size must be multiples of 8 within limits.min_size-limits.max_size")
         return self
 
     @property
     def default_model(self) -> str | None:
         return self.models[0].name if self.models else None
-
-    def model(self, name: str) -> ModelSpec | None:
-        return next((m for m in self.models if m.name == name), None)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> AppConfig:

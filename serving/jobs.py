@@ -5,31 +5,39 @@ the gRPC servicer (``GenerateStream``, ``GetJob``, ``CancelJob``) both call it.
 
 Life of a job: ``queued`` (submitted; its position counts the earlier jobs not yet denoising) -> ``running``
 (from its first denoising step, one ``step`` event per step, each with a low-resolution preview when asked
-for) -> ``succeeded`` / ``failed`` / ``cancelled``. The ingress replica that accepted the job drives it and
-holds a lease on it in the store. When that replica dies mid-run, the denoising work dies with it (the chain
-of stage calls is driven from there): once the lease lapses, whoever reads the job next marks it ``failed``
-with code ``job_lost``; finished jobs and their images stay readable until they expire.
+for) -> ``succeeded`` / ``failed`` / ``cancelled``.
+
+Jobs do not bypass the stages' backpressure: each ingress replica sends at most ``jobs.max_running`` jobs to
+the stages at once, and the jobs it accepted beyond those wait in its job queue (first come, first served,
+still ``queued``). Only a full queue (``jobs.max_queued``) refuses a submit, with ``503 overloaded``. A job on
+its way through the stages that meets a full stage queue waits and tries again within
+``limits.request_timeout_s`` of leaving the job queue, since it was accepted.
+
+The ingress replica that accepted the job drives it and holds a lease on it in the store. When that replica
+dies mid-run, the denoising work dies with it (the chain of stage calls is driven from there): once the lease
+lapses, whoever reads the job next marks it ``failed`` with code ``job_lost``; finished jobs and their images
+stay readable until they expire (or, in the memory store, until newer jobs need the room).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import json
 import logging
+import random
 import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NoReturn
 
 from models.contracts import DenoiseProgress
 from serving.config import JobsSpec
 from serving.errors import ApiError
-from serving.jobstore import JobError, JobRecord, JobResult, JobState, JobStore
+from serving.jobstore import JobError, JobRecord, JobResult, JobState, JobStore, JobStoreFull
 from serving.schemas import JobRequest
-from serving.service import GenerationRequest, GenerationResult, GenerationService
+from serving.service import GenerationRequest, GenerationResult, GenerationService, OnProgress
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +56,17 @@ class JobManager:
         self.store = store
         self.spec = spec
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._running: set[str] = set()  # jobs sent to the stages (at most spec.max_running)
+        self._waiting: dict[str, asyncio.Future[None]] = {}  # the job queue, oldest first (at most spec.max_queued)
         self._lease_task: asyncio.Task[None] | None = None
         self._stopping = False
 
     # -- submit and drive -------------------------------------------------------------------------------------
 
     async def submit(self, body: JobRequest, idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
-        """Check the request and start it; return (job, created). A retried submit with the same
-        idempotency key returns the first job; the same key with a different request is a 422."""
+        """Check the request and queue it; return (job, created). A retried submit with the same
+        idempotency key returns the first job (and takes no place in the queue); the same key with a different
+        request is a 422. A full job queue or job store is a 503 ``overloaded``."""
         req = self.service.prepare(body)  # a bad request fails here, as a 422, not later as a failed job
         request = body.model_dump(mode="json", exclude_unset=True)
         now = time.time()
@@ -82,13 +93,36 @@ class JobManager:
                             "Idempotency-Key",
                         )
                     return await self._checked(existing), False
-        await self.store.create(job)
+        if not self._take_place(job.id):
+            await self._refuse(job, idempotency_key, "the job queue is full")
+        try:
+            await self.store.create(job)
+        except JobStoreFull as exc:
+            logger.warning("refusing a job: %s", exc)
+            self._leave(job.id)
+            await self._refuse(job, idempotency_key, "the job store is full of unfinished jobs")
+        except BaseException:
+            self._leave(job.id)
+            raise
         await self.store.append_event(job, {"type": "queued", "position": await self.store.queue_position(job)})
         self._tasks[job.id] = asyncio.create_task(self._run(job, req), name=job.id)
+        # Let the task start: one cancelled before its first step never runs, so it would neither record the
+        # cancel nor give back its place.
+        await asyncio.sleep(0)
         if self._lease_task is None or self._lease_task.done():
             self._lease_task = asyncio.create_task(self._renew_leases())
         await self.store.renew_leases([job.id], self.spec.lease_s)
         return job, True
+
+    async def _refuse(self, job: JobRecord, idempotency_key: str | None, why: str) -> NoReturn:
+        if idempotency_key is not None:  # a retry with this key must be free to create the job
+            await self.store.release_key(idempotency_key, job)
+        raise ApiError(
+            503,
+            "overloaded",
+            f"{why}; retry shortly",
+            headers={"Retry-After": str(self.service.config.limits.retry_after_s)},
+        )
 
     async def _run(self, job: JobRecord, req: GenerationRequest) -> None:
         async def progress(update: DenoiseProgress) -> None:
@@ -105,7 +139,12 @@ class JobManager:
                 self._tasks[job.id].cancel()
 
         try:
-            result = await self.service.generate(req, progress, preview=job.preview)
+            waiter = self._waiting.get(job.id)
+            if waiter is not None:
+                await waiter  # this job's turn in the queue
+            if await self.store.cancel_requested(job.id):  # cancelled through another ingress replica meanwhile
+                raise asyncio.CancelledError
+            result = await self._generate(job, req, progress)
         except asyncio.CancelledError:
             if self._stopping:
                 await self._finish(job, JobState.FAILED, JobError(code="job_lost", message=_LOST))
@@ -122,6 +161,56 @@ class JobManager:
             await self._finish(job, JobState.SUCCEEDED)
         finally:
             self._tasks.pop(job.id, None)
+            self._leave(job.id)
+
+    async def _generate(self, job: JobRecord, req: GenerationRequest, progress: OnProgress) -> GenerationResult:
+        """Run the job through the stages. A stage queue that is full now does not fail the job (it was
+        accepted): it waits, backing off up to ``retry_after_s``, and tries again until the request deadline."""
+        limits = self.service.config.limits
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limits.request_timeout_s
+        attempt = 0
+        try:
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    try:
+                        return await self.service.generate(req, progress, preview=job.preview)
+                    except ApiError as err:
+                        attempt += 1
+                        delay = min(float(limits.retry_after_s), 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
+                        if err.code != "overloaded" or loop.time() + delay >= deadline:
+                            raise
+                    logger.info("job %s: the stages are at capacity; trying again in %.2fs", job.id, delay)
+                    await asyncio.sleep(delay)
+                    if await self.store.cancel_requested(job.id):
+                        raise asyncio.CancelledError
+        except TimeoutError as exc:
+            raise ApiError(
+                504, "timeout", f"the job did not finish within {limits.request_timeout_s:g}s of leaving the queue"
+            ) from exc
+
+    def _take_place(self, job_id: str) -> bool:
+        """Give a new job a slot towards the stages, or else a place in the queue; False when both are full."""
+        if len(self._running) < self.spec.max_running:  # then nobody waits either
+            self._running.add(job_id)
+        elif len(self._waiting) < self.spec.max_queued:
+            self._waiting[job_id] = asyncio.get_running_loop().create_future()
+        else:
+            return False
+        return True
+
+    def _leave(self, job_id: str) -> None:
+        """Free the job's slot or place in the queue; a freed slot goes to the job that waited longest."""
+        self._waiting.pop(job_id, None)
+        if job_id not in self._running:
+            return
+        self._running.discard(job_id)
+        while self._waiting and len(self._running) < self.spec.max_running:
+            next_id, waiter = next(iter(self._waiting.items()))
+            del self._waiting[next_id]
+            if not waiter.done():  # done: cancelled while it waited
+                self._running.add(next_id)
+                waiter.set_result(None)
 
     async def _finish(self, job: JobRecord, state: JobState, error: JobError | None = None) -> None:
         job.state, job.error, job.updated_at = state, error, time.time()
@@ -190,8 +279,10 @@ class JobManager:
         while True:
             found = await self.store.read_events(job_id, cursor, wait_s=self.spec.keepalive_s)
             if not found:
-                with contextlib.suppress(ApiError):
+                try:
                     await self.get(job_id)  # notices a lost job, whose "failed" event comes next
+                except ApiError:
+                    return  # expired or dropped from the store: no event will come
                 yield None
                 continue
             for event_id, event in found:

@@ -3,7 +3,8 @@
 A store is chosen by the scheme of ``jobs.store_url`` from ``JOB_STORES`` (one row per kind):
 
 - ``memory://`` (the default) keeps everything in the ingress replica's process: nothing to run, but jobs
-  are lost when the replica restarts and are not visible to other ingress replicas.
+  are lost when the replica restarts and are not visible to other ingress replicas. It holds at most
+  ``jobs.memory_max_jobs`` jobs and ``jobs.memory_max_bytes`` bytes, dropping the jobs that finished earliest.
 - ``redis://`` / ``rediss://`` keeps everything in Redis: every ingress replica sees every job, and jobs and
   their images survive ingress restarts until they expire.
 
@@ -82,20 +83,29 @@ class JobRecord(BaseModel):
 Event = tuple[str, dict[str, Any]]  # (event id, event)
 
 
+class JobStoreFull(Exception):
+    """The store cannot take another job without dropping one that has not finished."""
+
+
 class JobStore(ABC):
     """Records, per-job event logs, result images, idempotency keys, cancel flags and ownership leases."""
 
-    description: str  # one line for logs and GET /v1/status
     shared: bool  # do other ingress replicas (and a restarted one) see these jobs?
 
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
 
+    @property
+    @abstractmethod
+    def description(self) -> str:
+        """One line for logs and GET /v1/status."""
+
     def expires_at(self, job: JobRecord) -> float:
         return job.created_at + self.ttl_s
 
     @abstractmethod
-    async def create(self, job: JobRecord) -> None: ...
+    async def create(self, job: JobRecord) -> None:
+        """Add a new job; raises ``JobStoreFull`` when there is no room for it."""
 
     @abstractmethod
     async def get(self, job_id: str) -> JobRecord | None: ...
@@ -106,6 +116,11 @@ class JobStore(ABC):
     @abstractmethod
     async def claim_key(self, key: str, job: JobRecord) -> str:
         """Bind an idempotency key to ``job`` unless it is bound already; return the id of the job it names."""
+
+    @abstractmethod
+    async def release_key(self, key: str, job: JobRecord) -> None:
+        """Unbind an idempotency key from ``job`` (which was refused, not created); a key bound to another
+        job stays."""
 
     @abstractmethod
     async def append_event(self, job: JobRecord, event: dict[str, Any]) -> str:
@@ -144,36 +159,86 @@ class JobStore(ABC):
 
 class MemoryJobStore(JobStore):
     """Jobs in this process. Its lease is the process itself: a job is never reported lost, because a lost
-    replica takes its jobs with it."""
+    replica takes its jobs with it.
 
-    description = "memory: jobs live in this ingress replica and are lost when it restarts (set jobs.store_url)"
+    Bounded by a job count and a byte count (result images, events with their previews, requests): when a job
+    would cross a bound, the jobs that finished earliest are dropped; an unfinished job never is, so when only
+    unfinished jobs fill the store, ``create`` refuses the new one."""
+
     shared = False
 
-    def __init__(self, ttl_s: float) -> None:
+    def __init__(self, ttl_s: float, max_jobs: int = 1000, max_bytes: int = 512 * 2**20) -> None:
         super().__init__(ttl_s)
+        self.max_jobs = max_jobs
+        self.max_bytes = max_bytes
         self._jobs: dict[str, JobRecord] = {}
         self._events: dict[str, list[dict[str, Any]]] = {}
         self._images: dict[str, list[bytes]] = {}
         self._keys: dict[str, str] = {}
         self._cancelled: set[str] = set()
         self._changed: dict[str, asyncio.Event] = {}
+        self._sizes: dict[str, int] = {}  # bytes held per job
+        self._bytes = 0
+        self._finished: dict[str, None] = {}  # finished jobs, earliest finished first: the order they are dropped
 
     @classmethod
     def from_spec(cls, spec: JobsSpec) -> MemoryJobStore:
-        return cls(spec.ttl_s)
+        return cls(spec.ttl_s, spec.memory_max_jobs, spec.memory_max_bytes)
+
+    @property
+    def description(self) -> str:
+        return (
+            "memory: jobs live in this ingress replica and are lost when it restarts (set jobs.store_url); "
+            f"holds {len(self._jobs)}/{self.max_jobs} jobs, {self._bytes / 2**20:.1f}/{self.max_bytes / 2**20:.0f} "
+            "MiB, dropping the earliest finished first"
+        )
+
+    def _grow(self, job_id: str, size: int) -> None:
+        self._sizes[job_id] = self._sizes.get(job_id, 0) + size
+        self._bytes += size
+
+    def _drop(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            for table in (self._jobs, self._events, self._images, self._finished):
+                table.pop(job_id, None)
+            changed = self._changed.pop(job_id, None)
+            if changed is not None:
+                changed.set()  # a reader waiting for its next event finds the job gone
+            self._cancelled.discard(job_id)
+            self._bytes -= self._sizes.pop(job_id, 0)
+        if job_ids:
+            self._keys = {k: v for k, v in self._keys.items() if v in self._jobs}
 
     def _expire(self) -> None:
         now = time.time()
-        for job_id in [j.id for j in self._jobs.values() if self.expires_at(j) < now]:
-            for table in (self._jobs, self._events, self._images, self._changed):
-                table.pop(job_id, None)
-            self._cancelled.discard(job_id)
-        self._keys = {k: v for k, v in self._keys.items() if v in self._jobs}
+        self._drop([j.id for j in self._jobs.values() if self.expires_at(j) < now])
+
+    def _over(self, jobs: int, used: int) -> bool:
+        return jobs > self.max_jobs or used > self.max_bytes
+
+    def _evict(self, keep: str) -> None:
+        """Drop the jobs that finished earliest (but not ``keep``, being written) until within the bounds."""
+        jobs, used, victims = len(self._jobs), self._bytes, []
+        for job_id in self._finished:
+            if not self._over(jobs, used):
+                break
+            if job_id != keep:
+                victims.append(job_id)
+                jobs, used = jobs - 1, used - self._sizes.get(job_id, 0)
+        self._drop(victims)
 
     async def create(self, job: JobRecord) -> None:
         self._jobs[job.id] = job.model_copy()  # before expiring: an idempotency key may already name it
         self._events[job.id] = []
+        self._grow(job.id, _RECORD_BYTES + len(json.dumps(job.request)))
         self._expire()
+        self._evict(keep=job.id)
+        if self._over(len(self._jobs), self._bytes):
+            self._drop([job.id])
+            raise JobStoreFull(
+                f"{len(self._jobs)} unfinished jobs fill the memory job store "
+                f"({self.max_jobs} jobs, {self.max_bytes} bytes at most)"
+            )
 
     async def get(self, job_id: str) -> JobRecord | None:
         job = self._jobs.get(job_id)
@@ -184,14 +249,24 @@ class MemoryJobStore(JobStore):
     async def save(self, job: JobRecord) -> None:
         if job.id in self._jobs:
             self._jobs[job.id] = job.model_copy()
+            if job.state.finished:
+                self._finished.setdefault(job.id, None)
 
     async def claim_key(self, key: str, job: JobRecord) -> str:
         self._expire()
         return self._keys.setdefault(key, job.id)
 
+    async def release_key(self, key: str, job: JobRecord) -> None:
+        if self._keys.get(key) == job.id:
+            del self._keys[key]
+
     async def append_event(self, job: JobRecord, event: dict[str, Any]) -> str:
-        log = self._events.setdefault(job.id, [])
+        log = self._events.get(job.id)
+        if log is None:  # expired while it ran: nobody can read it any more
+            return "0"
         log.append(event)
+        self._grow(job.id, len(json.dumps(event)))
+        self._evict(keep=job.id)
         changed = self._changed.pop(job.id, None)
         if changed is not None:
             changed.set()
@@ -210,7 +285,10 @@ class MemoryJobStore(JobStore):
         return [(str(i + 1), event) for i, event in enumerate(log) if i >= start]
 
     async def put_images(self, job: JobRecord, images: list[bytes]) -> None:
-        self._images[job.id] = list(images)
+        if job.id in self._jobs:
+            self._images[job.id] = list(images)
+            self._grow(job.id, sum(map(len, images)))
+            self._evict(keep=job.id)
 
     async def get_image(self, job_id: str, index: int) -> bytes | None:
         images = self._images.get(job_id, [])
@@ -251,13 +329,17 @@ class RedisJobStore(JobStore):
         self.redis: Any = redis.from_url(url, **options)  # redis-py types its replies loosely
         self.prefix = prefix
         shown = urlsplit(url)
-        self.description = f"redis: {shown.scheme}://{shown.hostname}:{shown.port or 6379}{shown.path}"
+        self._description = f"redis: {shown.scheme}://{shown.hostname}:{shown.port or 6379}{shown.path}"
 
     @classmethod
     def from_spec(cls, spec: JobsSpec) -> RedisJobStore:
         from serving.env import SDSERVE_REDIS_PASSWORD
 
         return cls(spec.store_url, spec.ttl_s, spec.key_prefix, SDSERVE_REDIS_PASSWORD)
+
+    @property
+    def description(self) -> str:
+        return self._description
 
     def _key(self, *parts: object) -> str:
         return ":".join([self.prefix, *map(str, parts)])
@@ -288,6 +370,9 @@ class RedisJobStore(JobStore):
             return job.id
         owner = await self.redis.get(name)
         return job.id if owner is None else owner.decode()
+
+    async def release_key(self, key: str, job: JobRecord) -> None:
+        await self.redis.eval(_DELETE_IF_EQUAL, 1, self._key("idem", key), job.id)
 
     async def append_event(self, job: JobRecord, event: dict[str, Any]) -> str:
         name = self._key("events", job.id)
@@ -342,6 +427,10 @@ class RedisJobStore(JobStore):
     async def close(self) -> None:
         await self.redis.aclose()
 
+
+_RECORD_BYTES = 1024  # a job record and its bookkeeping in the memory store, besides the request itself
+# Compare-and-delete in one step, so a key that another job claimed in between stays.
+_DELETE_IF_EQUAL = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 # Store kinds by URL scheme: adding a kind is one row.
 JOB_STORES: dict[str, Callable[[JobsSpec], JobStore]] = {

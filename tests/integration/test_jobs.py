@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -14,6 +15,7 @@ import pytest
 from httpx_sse import connect_sse
 from PIL import Image
 
+from serving.jobstore import JobRecord, RedisJobStore
 from tests.integration.conftest import LiveService, extra_app
 from tests.integration.test_grpc import denoiser_running_jobs
 
@@ -139,3 +141,25 @@ def test_redis_jobs_survive_an_ingress_restart(live: LiveService, redis_url: str
         lost = wait_state(client, running["id"], {"failed"}, timeout_s=30)
         assert lost["state"] == "failed" and lost["error"]["code"] == "job_lost"
         assert [k for _, k, _ in events(client, running["id"])][-1] == "failed"
+
+
+def test_redis_store_gives_back_only_its_own_idempotency_key(redis_url: str) -> None:
+    """A submit refused as overloaded unbinds its Idempotency-Key, so that a retry creates the job; a key that
+    names another job stays bound."""
+
+    async def main() -> None:
+        store = RedisJobStore(redis_url, ttl_s=60, prefix="release")
+        now = time.time()
+        first, second = (
+            JobRecord(id=name, created_at=now, updated_at=now, request={}, request_hash="") for name in ("a", "b")
+        )
+        try:
+            assert await store.claim_key("k", first) == "a"
+            await store.release_key("k", second)
+            assert await store.claim_key("k", second) == "a"
+            await store.release_key("k", first)
+            assert await store.claim_key("k", second) == "b"
+        finally:
+            await store.close()
+
+    asyncio.run(main())
