@@ -16,6 +16,7 @@ from typing import Any, cast
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0]
+GAUGE_REFRESH_S = 5.0  # well inside the ~20 s after which Ray's agent drops a gauge that was not re-reported
 BATCH_BUCKETS = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0]
 
 
@@ -47,10 +48,20 @@ class StageMetrics:
             boundaries=LATENCY_BUCKETS_S,
             tag_keys=("stage",),
         )
-        self.replicas.set(1, tags=self.tags)
         self._ongoing = 0
+        self._queue_depth = 0
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Report every gauge again. Ray's metrics agent drops a gauge that was not reported for about two
+        export intervals, so a replica that is idle (or too busy to change a value) would vanish from
+        /metrics; the replica calls this every ``GAUGE_REFRESH_S``."""
+        self.replicas.set(1, tags=self.tags)
+        self.ongoing.set(self._ongoing, tags=self.tags)
+        self.queue_depth.set(self._queue_depth, tags=self.tags)
 
     def set_queue_depth(self, depth: int) -> None:
+        self._queue_depth = depth
         self.queue_depth.set(depth, tags=self.tags)
 
     def observe_batch(self, size: int) -> None:

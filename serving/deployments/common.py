@@ -13,12 +13,16 @@ from typing import Any, TypeVar
 from models.errors import UnknownModelError
 from serving.config import AppConfig, ModelCatalog, StageSpec
 from serving.env import SDSERVE_HOME
-from serving.metrics import StageMetrics
+from serving.metrics import GAUGE_REFRESH_S, StageMetrics
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETIRE_CHECK_S = 2.0  # how often replaced versions are looked at for unloading
+
+
+class ReplicaStopping(Exception):
+    """Serve began stopping this replica while it was loading a model; the load is abandoned."""
 
 
 class StageReplica:
@@ -35,6 +39,10 @@ class StageReplica:
     All torch work, loading included, runs on one dedicated thread so the replica's event loop stays free for
     health checks, cancellation and new arrivals; intra-op parallelism comes from torch's own threads.
     Downloads run on other threads (no torch there).
+
+    Serve may stop a replica while it is still loading (a downscale right after a scale-up): it calls
+    ``__del__`` and then shuts the event loop's default executor down, so the load ends there, with one info
+    line rather than a traceback.
     """
 
     kind: str = ""
@@ -59,8 +67,15 @@ class StageReplica:
         self.active: dict[str, str] = {}  # model name -> pinned reference this replica serves by default
         self.load_errors: dict[str, str] = {}
         self._loading: dict[str, asyncio.Future[str]] = {}
-        self._rollout: asyncio.Task[None] | None = None
+        self._rollout: asyncio.Task[bool] | None = None
         self._retirer: asyncio.Task[None] | None = None
+        self._gauges: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def __del__(self) -> None:
+        # Serve's graceful-shutdown hook (run on the replica's event loop, after requests drained); Python also
+        # calls it on garbage collection, where it is harmless.
+        self._stopping = True
 
     @staticmethod
     def stage_options(config: AppConfig) -> dict[str, Any]:
@@ -73,20 +88,26 @@ class StageReplica:
         models = ModelCatalog.model_validate(user_config or {}).models
         if self._retirer is None:
             self._retirer = asyncio.get_running_loop().create_task(self._retire_loop())
+            self._gauges = asyncio.get_running_loop().create_task(self._refresh_gauges())
         if not self.active and not self.catalog:
-            await self._apply(models, initial=True)  # the replica is not ready until its models are
-            logger.info("%s replica ready: %s", self.kind, self.active)
+            # The replica is not ready until its models are (or Serve stops it meanwhile).
+            if await self._apply(models, initial=True):
+                logger.info("%s replica ready: %s", self.kind, self.active)
             return
         if self._rollout is not None and not self._rollout.done():
             self._rollout.cancel()
         self._rollout = asyncio.get_running_loop().create_task(self._apply(models, initial=False))
 
-    async def _apply(self, models: list[Any], initial: bool) -> None:
+    async def _apply(self, models: list[Any], initial: bool) -> bool:
+        """Load and activate ``models``; False if the replica began stopping first (nothing more is loaded)."""
         for model in models:
             if self.catalog.get(model.name) == model.source and model.name in self.active:
                 continue
             try:
                 pinned = await self.ensure_loaded(model.name, model.source)
+            except ReplicaStopping:
+                logger.info("%s replica is stopping; abandoned loading %s from %s", self.kind, model.name, model.source)
+                return False
             except Exception as exc:
                 self.load_errors[model.name] = f"{model.source}: {type(exc).__name__}: {exc}"[:1000]
                 logger.error("%s could not load %s from %s: %s", self.kind, model.name, model.source, exc)
@@ -101,6 +122,7 @@ class StageReplica:
         self.catalog = {m.name: m.source for m in models}
         for name in [n for n in self.active if n not in self.catalog]:
             del self.active[name]
+        return True
 
     async def ensure_loaded(self, name: str, ref: str) -> str:
         """Load ``ref`` unless this replica holds it (concurrent callers share one load); return it pinned."""
@@ -114,7 +136,14 @@ class StageReplica:
         return await asyncio.shield(future)
 
     async def _load(self, name: str, ref: str) -> str:
-        pinned, snap = await asyncio.to_thread(self.runtime.fetch, ref)  # network and hashing: no torch
+        try:
+            pinned, snap = await asyncio.to_thread(self.runtime.fetch, ref)  # network and hashing: no torch
+        except RuntimeError:
+            if self._stopping:  # "cannot schedule new futures after shutdown": Serve closed the default executor
+                raise ReplicaStopping(ref) from None
+            raise
+        if self._stopping:  # no torch build for a replica on its way out
+            raise ReplicaStopping(ref)
         if pinned not in self.runtime.loaded:
             await self.run_compute(self.runtime.build, name, pinned, snap)
         return pinned
@@ -136,11 +165,17 @@ class StageReplica:
 
     async def _retire_loop(self) -> None:
         idle_s = self.config.registry.keep_previous_s
-        while True:
+        while not self._stopping:
             await asyncio.sleep(RETIRE_CHECK_S)
             with contextlib.suppress(Exception):
                 keep = set(self.active.values()) | set(self._loading)
                 await self.run_compute(self.runtime.retire, keep, idle_s)
+
+    async def _refresh_gauges(self) -> None:
+        # On the event loop, not the compute thread: a busy replica must keep reporting its gauges.
+        while not self._stopping:
+            self.metrics.refresh()
+            await asyncio.sleep(GAUGE_REFRESH_S)
 
     @staticmethod
     def pinned(item: T, ref: str) -> T:

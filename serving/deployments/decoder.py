@@ -40,7 +40,7 @@ class DecoderDeployment(StageReplica):
                     results[i] = exc
         return results
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    @serve.batch  # size and wait come from the stage's config, set in __init__
     async def _batch(self, items: list[tuple[Latents, DecodeParams]]) -> list[EncodedImages | Exception]:
         results: list[EncodedImages | Exception] = await self.run_batch(self._decode_all, items)
         return results

@@ -35,7 +35,7 @@ class TextEncoderDeployment(StageReplica):
                 results.append(exc)
         return results
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    @serve.batch  # size and wait come from the stage's config, set in __init__
     async def _batch(self, requests: list[EncodeRequest]) -> list[PromptEmbeddings | Exception]:
         results: list[PromptEmbeddings | Exception] = await self.run_batch(self._encode_all, requests)
         return results

@@ -7,9 +7,11 @@ would be on a cluster. Replica counts are read from Serve's status API, never as
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
-import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -20,13 +22,24 @@ from tests.integration.conftest import LiveService, extra_app
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def running_replicas(app: str, deployment: str) -> int:
+# A replica that starts while others compute (the scale-up case) takes longer than the app's own start, when
+# all four deployments start at once on idle Ray workers; this factor covers that on a shared 2-core machine.
+START_TIME_FACTOR = 4
+
+
+def replica_states(app: str, deployment: str) -> dict[str, int]:
+    """Replicas of a deployment by state (RUNNING, STARTING, STOPPING, ...), from Serve's status API."""
     from ray import serve
 
     status = serve.status().applications.get(app)
     if status is None or deployment not in status.deployments:
-        return 0
-    return sum(n for state, n in status.deployments[deployment].replica_states.items() if state == "RUNNING")
+        return {}
+    states = status.deployments[deployment].replica_states  # ReplicaState (a str enum) -> count
+    return {getattr(state, "value", state): n for state, n in states.items() if n}
+
+
+def running_replicas(app: str, deployment: str) -> int:
+    return replica_states(app, deployment).get("RUNNING", 0)
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.5) -> bool:  # type: ignore[no-untyped-def]
@@ -38,46 +51,91 @@ def wait_for(predicate, timeout: float, interval: float = 0.5) -> bool:  # type:
     return predicate()
 
 
+@contextmanager
+def timed_app(live: LiveService, name: str, outputs: Path, **overrides: object) -> Iterator[tuple[str, float]]:
+    """``extra_app``, plus the seconds it took to be RUNNING: this machine's replica start time, right now.
+
+    Deadlines for later replica starts scale from it, so they stretch with the CPU contention of the run.
+    """
+    started = time.monotonic()
+    with extra_app(live, name, outputs, **overrides) as url:  # serve.run returns once every replica runs
+        yield url, time.monotonic() - started
+
+
 async def burst(url: str, bodies: list[dict], timeout: float = 180) -> list[httpx.Response]:
     async with httpx.AsyncClient(timeout=timeout) as client:
         return await asyncio.gather(*(client.post(f"{url}/v1/images/generations", json=b) for b in bodies))
 
 
-def test_denoiser_scales_up_under_a_burst_and_back_down(live: LiveService, tmp_path: Path) -> None:
+async def load_until_scaled(url: str, app: str, clients: int, deadline_s: float) -> tuple[int, list[int]]:
+    """Keep ``clients`` requests in flight until the denoiser runs more than one replica or the deadline passes.
+
+    Returns the most RUNNING denoiser replicas seen, and the status of every request sent (all of them finish).
+    """
+    stop = asyncio.Event()
+    statuses: list[int] = []
+
+    async def client(http: httpx.AsyncClient, index: int) -> None:
+        for seed in itertools.count(index * 10_000):
+            if stop.is_set():
+                return
+            body = {"prompt": f"sustained {index}", "steps": 100, "seed": seed}
+            statuses.append((await http.post(f"{url}/v1/images/generations", json=body)).status_code)
+
+    async with httpx.AsyncClient(timeout=120) as http:
+        load = asyncio.gather(*(client(http, i) for i in range(clients)))
+        peak = 1
+        deadline = time.monotonic() + deadline_s
+        while peak < 2 and time.monotonic() < deadline and not load.done():
+            await asyncio.sleep(0.5)
+            peak = max(peak, await asyncio.to_thread(running_replicas, app, "Denoiser"))
+        stop.set()
+        await load
+    return peak, statuses
+
+
+def test_denoiser_scales_up_under_sustained_load_and_back_down(live: LiveService, tmp_path: Path) -> None:
+    from ray.serve.config import AutoscalingConfig
+
+    scaling = {
+        "min_replicas": 1,
+        "max_replicas": 3,
+        "target_ongoing_requests": 1,
+        "upscale_delay_s": 0.5,
+        "downscale_delay_s": 3,
+        "look_back_period_s": 1,
+    }
     denoiser = {
         "resources": {"num_cpus": 0.25, "num_gpus": 1},
         "max_ongoing_requests": 2,
         "max_queued_requests": -1,
         "max_batch_size": 2,
-        "autoscaling": {
-            "min_replicas": 1,
-            "max_replicas": 3,
-            "target_ongoing_requests": 1,
-            "upscale_delay_s": 0.5,
-            "downscale_delay_s": 3,
-            "look_back_period_s": 1,
-        },
+        "autoscaling": scaling,
     }
-    with extra_app(live, "autoscale", tmp_path, denoiser=denoiser) as url:
-        assert running_replicas("autoscale", "Denoiser") == 1
-        peak = 0
-        done = threading.Event()
-
-        def watch() -> None:
-            nonlocal peak
-            while not done.is_set():
-                peak = max(peak, running_replicas("autoscale", "Denoiser"))
-                time.sleep(0.25)
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        bodies = [{"prompt": f"burst {i}", "steps": 150, "seed": i} for i in range(16)]
-        responses = asyncio.run(burst(url, bodies))
-        done.set()
-        watcher.join()
-        assert [r.status_code for r in responses] == [200] * len(bodies)
-        assert peak > 1, "the denoiser never scaled above its minimum"
-        assert wait_for(lambda: running_replicas("autoscale", "Denoiser") == 1, timeout=90)
+    with timed_app(live, "autoscale", tmp_path, denoiser=denoiser) as (url, start_s):
+        assert replica_states("autoscale", "Denoiser") == {"RUNNING": 1}
+        # Six requests in flight want three replicas (target 1 each). The controller hears of them when the
+        # ingress's handle next reports (every metrics_interval_s, a Ray default the app does not set), decides
+        # after its look-back and upscale delays, and the new replicas then start beside one that is computing.
+        report_s = AutoscalingConfig().metrics_interval_s
+        up_deadline = (
+            report_s + scaling["look_back_period_s"] + scaling["upscale_delay_s"] + START_TIME_FACTOR * start_s
+        )
+        started = time.monotonic()
+        peak, statuses = asyncio.run(load_until_scaled(url, "autoscale", clients=6, deadline_s=up_deadline))
+        assert peak > 1, (
+            f"the denoiser never scaled above its minimum in {time.monotonic() - started:.0f}s under sustained "
+            f"load (deadline {up_deadline:.0f}s: {START_TIME_FACTOR} x the {start_s:.1f}s the app took to start)"
+        )
+        assert peak <= scaling["max_replicas"]
+        assert statuses and set(statuses) == {200}, statuses
+        # Idle again: back to the minimum, replicas that were still starting included (they stop mid-load).
+        down_deadline = (
+            report_s + scaling["look_back_period_s"] + scaling["downscale_delay_s"] + START_TIME_FACTOR * start_s
+        )
+        assert wait_for(lambda: replica_states("autoscale", "Denoiser") == {"RUNNING": 1}, timeout=down_deadline), (
+            replica_states("autoscale", "Denoiser")
+        )
 
 
 def test_full_queues_answer_503_at_once_and_nothing_hangs(live: LiveService, tmp_path: Path) -> None:
@@ -111,21 +169,30 @@ def test_requests_survive_a_killed_denoiser_replica(live: LiveService, tmp_path:
     import ray
 
     denoiser = {"autoscaling": {"min_replicas": 2, "max_replicas": 2}, "max_batch_size": 4}
-    with extra_app(live, "chaos", tmp_path, denoiser=denoiser) as url:
-        assert wait_for(lambda: running_replicas("chaos", "Denoiser") == 2, timeout=60)
-        victims = [a for a in ray.util.list_named_actors(all_namespaces=True) if "chaos#Denoiser" in a["name"]]
-        assert len(victims) == 2
+    with timed_app(live, "chaos", tmp_path, denoiser=denoiser) as (url, start_s):
+        assert replica_states("chaos", "Denoiser") == {"RUNNING": 2}
+        named = [a for a in ray.util.list_named_actors(all_namespaces=True) if "chaos#Denoiser" in a["name"]]
+        replicas = [ray.get_actor(a["name"], namespace=a["namespace"]) for a in named]
+        assert len(replicas) == 2
         bodies = [{"prompt": f"survive {i}", "steps": 80, "seed": i} for i in range(8)]
 
         async def run() -> list[httpx.Response]:
             task = asyncio.ensure_future(burst(url, bodies))
-            await asyncio.sleep(2.0)  # requests are mid-denoise on both replicas
-            ray.kill(ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"]), no_restart=True)
+            ongoing = [0, 0]
+            while not task.done() and not all(ongoing):  # until requests are mid-denoise on both replicas
+                await asyncio.sleep(0.1)
+                ongoing = await asyncio.gather(*(r.get_num_ongoing_requests.remote() for r in replicas))
+            assert not task.done(), f"the burst ended before both replicas held requests ({ongoing})"
+            ray.kill(replicas[0], no_restart=True)
             return await task
 
         responses = asyncio.run(run())
         assert [r.status_code for r in responses] == [200] * len(bodies), [r.text for r in responses]
-        assert wait_for(lambda: running_replicas("chaos", "Denoiser") == 2, timeout=120)
+        # Serve notices the dead replica at its next health check and starts a replacement.
+        recover_s = live.config.denoiser.health_check_period_s + START_TIME_FACTOR * start_s
+        assert wait_for(lambda: replica_states("chaos", "Denoiser") == {"RUNNING": 2}, timeout=recover_s), (
+            replica_states("chaos", "Denoiser")
+        )
 
 
 def test_metrics_are_exported(live: LiveService) -> None:
@@ -155,4 +222,4 @@ def test_metrics_are_exported(live: LiveService) -> None:
             result[name] = bool(lines) and (not counters or any(float(line.rsplit(" ", 1)[1]) > 0 for line in lines))
         return result
 
-    assert wait_for(lambda: all(found().values()), timeout=60, interval=2), found()
+    assert wait_for(lambda: all(found().values()), timeout=60, interval=2), [n for n, ok in found().items() if not ok]
