@@ -2,11 +2,15 @@
 
 The ingress writes each image once and answers with a url. ``OUTPUT_STORES`` maps the scheme of
 ``outputs.store`` to the class; no ``outputs.store`` means the local folder ``outputs.directory``, served by
-``GET /v1/images/{id}``.
+``GET /v1/images/{id}``. Each ingress replica runs an ``OutputSweeper``, so images nobody fetches are deleted
+too, not only those fetched after they expired.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import re
 import secrets
 import time
@@ -16,7 +20,10 @@ from urllib.parse import urlparse
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 MEDIA_TYPES = {ext: media for media, ext in EXTENSIONS.items()}
-_ID = re.compile(r"^[0-9a-f]{32}\.(png|jpg|webp)$")
+IMAGE_ID_PATTERN = r"[0-9a-f]{32}\.(?:png|jpg|webp)"  # what new_image_id makes
+_ID = re.compile(f"^{IMAGE_ID_PATTERN}$")
+
+logger = logging.getLogger(__name__)
 
 
 def new_image_id(media_type: str) -> str:
@@ -62,7 +69,13 @@ class OutputStore:
             return 0
         cutoff = time.time() - self.ttl_s
         for path in self.directory.iterdir():
-            if _ID.match(path.name) and path.stat().st_mtime < cutoff:
+            if not _ID.match(path.name):
+                continue
+            try:
+                expired = path.stat().st_mtime < cutoff
+            except FileNotFoundError:
+                continue  # another replica's sweep on this node, or a get() of an expired image, came first
+            if expired:
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed
@@ -71,8 +84,10 @@ class OutputStore:
 class S3OutputStore(OutputStore):
     """Images in ``s3://bucket/prefix/``, handed out as presigned GET urls valid for ``ttl_s``.
 
-    Credentials and endpoint come from boto3's environment. Deleting old objects is the bucket's lifecycle
-    rule's job (expire ``prefix/`` after a day, say); the urls stop working after ``ttl_s`` regardless.
+    Credentials and endpoint come from boto3's environment. The service never lists or deletes objects
+    (``sweep`` does nothing): deleting them is the job of a lifecycle rule on the bucket that expires objects
+    under ``prefix/`` after N days, with N at least ``ttl_s`` in days, rounded up (see the README). Until the
+    rule deletes an image, its url has stopped working after ``ttl_s`` and ``get`` treats it as expired.
     """
 
     def __init__(self, uri: str, ttl_s: float) -> None:
@@ -110,7 +125,52 @@ class S3OutputStore(OutputStore):
         return obj["Body"].read(), MEDIA_TYPES[image_id.rsplit(".", 1)[1]]
 
     def sweep(self) -> int:
-        return 0  # a bucket lifecycle rule expires objects
+        """Nothing to do here: the bucket's lifecycle rule deletes expired objects. Returns 0."""
+        return 0
+
+
+def sweep_interval(ttl_s: float) -> float:
+    """Seconds between sweeps for a ttl: a quarter of it (so an unread image outlives its ttl by at most a
+    quarter), no more than a minute, and no less than a second (a tiny ttl must not become a busy loop)."""
+    return min(max(ttl_s / 4, 1.0), 60.0)
+
+
+class OutputSweeper:
+    """Deletes a store's expired images in the background: once at start (images an earlier replica left) and
+    then every ``interval_s``. A sweep lists and unlinks files, so it runs in a thread, off the event loop."""
+
+    def __init__(self, store: OutputStore, interval_s: float | None = None) -> None:
+        self.store = store
+        self.interval_s = sweep_interval(store.ttl_s) if interval_s is None else interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        """Start sweeping on the running event loop (call it from a coroutine, or from code the loop runs)."""
+        if not self.running:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="output-sweeper")
+
+    async def stop(self) -> None:
+        """Cancel the sweeps (a sweep already in its thread finishes there, unobserved)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                removed = await asyncio.to_thread(self.store.sweep)
+            except Exception:
+                logger.exception("could not delete expired images")
+            else:
+                if removed:
+                    logger.info("deleted %d expired images", removed)
+            await asyncio.sleep(self.interval_s)
 
 
 # Scheme of `outputs.store` -> store class.

@@ -23,7 +23,7 @@ from serving.generated.sdserve.v1 import sdserve_pb2 as pb
 from serving.grpc_api import GrpcApi, set_status
 from serving.jobs import JobManager
 from serving.jobstore import open_job_store
-from serving.outputs import open_output_store
+from serving.outputs import OutputSweeper, open_output_store
 from serving.service import GenerationService
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,9 @@ class IngressDeployment:
         self.service = GenerationService(self.config, text_encoder, denoiser, decoder)
         out = self.config.outputs
         self.outputs = open_output_store(out.directory, out.store, out.ttl_s)
+        # Serve runs __init__ on the replica's event loop, which then runs the sweeps between requests.
+        self.sweeper = OutputSweeper(self.outputs)
+        self.sweeper.start()
         store = open_job_store(self.config.jobs)
         (logger.info if store.shared else logger.warning)("job store: %s", store.description)
         self.jobs = JobManager(self.service, store, self.config.jobs)
@@ -61,7 +64,9 @@ class IngressDeployment:
         return create_api(self.service, self.outputs, self.jobs, self.a1111, api_metrics())
 
     async def __del__(self) -> None:
-        # Serve calls this on graceful shutdown: jobs still running here end as failed (job_lost).
+        # Serve calls this on graceful shutdown: the sweeps stop, and jobs still running here end as failed
+        # (job_lost).
+        await self.sweeper.stop()
         await self.jobs.stop()
 
     # -- gRPC (sdserve.v1.ImageGeneration) ---------------------------------------------------------------------
