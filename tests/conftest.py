@@ -1,4 +1,4 @@
-"""Shared fixtures: one tiny test model per session, built in code (no downloads)."""
+"""Shared fixtures: one tiny test model per session, built in code (no downloads); the `gpu` marker's skip."""
 
 from __future__ import annotations
 
@@ -8,6 +8,20 @@ from pathlib import Path
 import pytest
 
 from tests.servers import HubServer, S3Server, hub_server, s3_server
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` are skipped where CUDA is unavailable (torch is imported only if one is collected)."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_tests:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in gpu_tests:
+        item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

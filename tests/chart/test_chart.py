@@ -135,24 +135,49 @@ def serve_config_of(docs: list[dict]) -> dict:
     return parsed
 
 
+def merged(base: dict, override: dict) -> dict:
+    """``override`` laid over ``base`` the way Helm coalesces values: maps merge, anything else replaces."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def deployed_config(values_files: list[Path]) -> AppConfig:
+    """The AppConfig a release with these values files deploys: the values' `config`, plus what the chart pins
+    (HTTP on 0.0.0.0:service.httpPort, gRPC per `grpc.enabled`, images under /tmp, which the read-only root
+    filesystem leaves writable, and each stage on its group's custom resource, the ingress on the head's)."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    for path in values_files:
+        values = merged(values, yaml.safe_load(path.read_text()))
+    pins: dict = {
+        "http": {"host": "0.0.0.0", "port": values["service"]["httpPort"]},
+        "grpc": {"enabled": values["grpc"]["enabled"], "port": values["service"]["grpcPort"]},
+        "outputs": {"directory": "/tmp/sdserve/outputs"},
+        "ingress": {"resources": {"resources": {"sdserve_head": 1}}},
+    }
+    for stage, group in (("text_encoder", "encoder"), ("denoiser", "denoiser"), ("decoder", "decoder")):
+        if values["workerGroups"][group]["enabled"]:
+            pins[stage] = {"resources": {"resources": {f"sdserve_{group}": 1}}}
+    return AppConfig.model_validate(merged(values["config"], pins))
+
+
 def test_serve_config_matches_the_renderer(rendering: tuple[str, list[dict]]) -> None:
-    """The chart's serveConfigV2 is what `sdserve render-serve-config` writes for the same settings."""
-    _, docs = rendering
+    """The chart's serveConfigV2 is exactly what `sdserve render-serve-config` writes for the settings its
+    values describe: a setting the chart drops, renames or changes shows up as a difference."""
+    name, docs = rendering
     chart_config = serve_config_of(docs)
-    (app,) = chart_config["applications"]
-    catalogs = [d["user_config"] for d in app["deployments"]]
-    assert all(c == catalogs[0] for c in catalogs) and catalogs[0]["models"]
-    # The application accepts the chart's args, and the catalog that every deployment gets as user_config.
-    config = AppConfig.model_validate({**app["args"], **catalogs[0]})
-    expected = render_serve_config(config)
-    normalised = json.loads(json.dumps(chart_config))
-    args = config.to_args()
-    del args["models"]
-    normalised["applications"][0]["args"] = args
-    for deployment in normalised["applications"][0]["deployments"]:
-        deployment["user_config"] = config.catalog()  # with the defaults filled in, as the renderer writes it
-    assert normalised == expected
+    expected = render_serve_config(deployed_config(VALUES_SETS[name]))
+    assert chart_config == expected
     assert "runtime_env" not in json.dumps(chart_config)
+
+
+def test_chart_serve_config_base_is_current() -> None:
+    """The chart renders onto the renderer's output for an empty AppConfig; it must follow serving/config.py."""
+    base = yaml.safe_load((CHART / "files" / "serve-config-defaults.yaml").read_text())
+    assert base == render_serve_config(AppConfig()), (
+        "regenerate: sdserve render-serve-config /dev/null -o charts/sdserve/files/serve-config-defaults.yaml"
+    )
 
 
 def test_stages_are_pinned_to_their_groups(rendering: tuple[str, list[dict]]) -> None:

@@ -13,8 +13,6 @@ from models.denoiser import DenoiserStage
 from models.snapshot import open_snapshot
 from models.text_encoder import TextEncoderStage
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
 
 def test_rows_pad_to_the_next_bucket() -> None:
     assert [bucket_for(r) for r in (1, 2, 3, 5, 7, 9, 17, 33, 64)] == [1, 2, 4, 6, 8, 12, 24, 48, 64]
@@ -46,7 +44,6 @@ def test_off_cuda_the_unet_is_called_eagerly(tiny_model_dir: Path) -> None:
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_graph_replays_match_eager_calls(tiny_model_dir: Path) -> None:
     cuda = torch.device("cuda")
     stage = DenoiserStage("tiny", open_snapshot(str(tiny_model_dir)), cuda, torch.float16)
@@ -62,7 +59,6 @@ def test_graph_replays_match_eager_calls(tiny_model_dir: Path) -> None:
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_denoising_with_graphs_matches_without(tiny_model_dir: Path) -> None:
     cuda = torch.device("cuda")
     snap = open_snapshot(str(tiny_model_dir))
@@ -75,7 +71,6 @@ def test_denoising_with_graphs_matches_without(tiny_model_dir: Path) -> None:
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_warm_up_captures_every_batch_before_the_first_request(tiny_model_dir: Path) -> None:
     cuda = torch.device("cuda")
     snap = open_snapshot(str(tiny_model_dir))

@@ -67,37 +67,43 @@ The sdserve AppConfig the chart deploys: the user's `config`, plus each stage pi
 {{- toYaml $config }}
 {{- end }}
 
-{{/* The Ray Serve config: the same structure `sdserve render-serve-config` writes. */}}
+{{/*
+The Ray Serve config: what `sdserve render-serve-config` writes for the AppConfig above. The base is that
+command's output for an empty AppConfig, files/serve-config-defaults.yaml (generated: `sdserve
+render-serve-config /dev/null -o charts/sdserve/files/serve-config-defaults.yaml`; tests/chart fails when it
+is stale), so every setting the user leaves out appears with the application's default, and the structure
+(import path, deployment names, gRPC servicer functions) is the renderer's, not a copy.
+*/}}
 {{- define "sdserve.serveConfig" -}}
-{{- $config := include "sdserve.appConfig" . | fromYaml }}
+{{- $serve := .Files.Get "files/serve-config-defaults.yaml" | fromYaml }}
+{{- $base := index $serve.applications 0 }}
+{{- $config := mustMergeOverwrite (deepCopy $base.args) (include "sdserve.appConfig" . | fromYaml) }}
 {{- /* The model catalog is every deployment's user_config, not an arg: Serve applies a changed user_config
      in place (reconfigure, a rollout without restarts) but restarts every replica when args change. */}}
-{{- $catalog := dict "models" (default list $config.models) }}
+{{- $models := list }}
+{{- range $config.models }}
+{{- /* ModelSpec's one optional field, with its default, as the renderer writes it. */}}
+{{- $models = append $models (mustMergeOverwrite (dict "description" "") .) }}
+{{- end }}
+{{- $catalog := dict "models" $models }}
 {{- $_ := unset $config "models" }}
 {{- $deployments := list }}
-{{- range list "Ingress" "TextEncoder" "Denoiser" "Decoder" }}
-{{- $deployments = append $deployments (dict "name" . "user_config" $catalog) }}
+{{- range $base.deployments }}
+{{- $deployments = append $deployments (dict "name" .name "user_config" $catalog) }}
 {{- end }}
 {{- $app := dict
-  "name" (default "sdserve" $config.app_name)
-  "route_prefix" (default "/" $config.route_prefix)
-  "import_path" "serving.app:build_app"
+  "name" $config.app_name
+  "route_prefix" $config.route_prefix
+  "import_path" $base.import_path
   "args" $config
   "deployments" $deployments
 }}
-{{- $serve := dict
-  "proxy_location" "EveryNode"
-  "http_options" (dict "host" "0.0.0.0" "port" (int .Values.service.httpPort))
-  "applications" (list $app)
-}}
-{{- if .Values.grpc.enabled }}
-{{- /* The servicer functions are serving.grpc_api.SERVICER_FUNCTIONS; tests/chart checks they agree. */}}
-{{- $_ := set $serve "grpc_options" (dict
-  "port" (int .Values.service.grpcPort)
-  "grpc_servicer_functions" (list
-    "serving.generated.sdserve.v1.sdserve_pb2_grpc.add_ImageGenerationServicer_to_server"
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server")
-) }}
+{{- $_ := set $serve "http_options" $config.http }}
+{{- $_ := set $serve "applications" (list $app) }}
+{{- if $config.grpc.enabled }}
+{{- $_ := set $serve.grpc_options "port" $config.grpc.port }}
+{{- else }}
+{{- $_ := unset $serve "grpc_options" }}
 {{- end }}
 {{- toYaml $serve }}
 {{- end }}
