@@ -53,9 +53,7 @@ def main() -> None:
 
         report = []
         for steps in args.steps:
-            params = [
-                DenoiseParams("m", height, width, steps, 6.5, args.scheduler, seed) for seed in range(args.seeds)
-            ]
+            params = [DenoiseParams("m", height, width, steps, 6.5, args.scheduler, seed) for seed in range(args.seeds)]
             lone = {}
             for p in params:
                 job = denoiser.start(p, emb)

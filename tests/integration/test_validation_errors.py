@@ -76,7 +76,7 @@ def test_unparseable_bodies_are_422(live: LiveService, content: bytes) -> None:
     with live.client() as client:
         response = client.post("/v1/images/generations", content=content, headers={"content-type": "application/json"})
     # The error names no field (a character offset is not a parameter).
-    assert_error(response, 422, "invalid_request")["error"]["param"] is None
+    assert assert_error(response, 422, "invalid_request")["error"]["param"] is None
 
 
 def test_an_oversized_body_is_413_before_it_is_read(live: LiveService) -> None:

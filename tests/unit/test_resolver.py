@@ -94,7 +94,7 @@ def test_a1111_errors_name_a1111_fields():
 
 
 def test_config_refuses_a_default_size_outside_the_limits():
-    with pytest.raises(ValueError, match="defaults.size"):
+    with pytest.raises(ValueError, match=r"defaults\.size"):
         AppConfig.model_validate({"defaults": {"size": "100x64"}})
-    with pytest.raises(ValueError, match="defaults.size"):
+    with pytest.raises(ValueError, match=r"defaults\.size"):
         AppConfig.model_validate({"defaults": {"size": "2048x2048"}})
