@@ -16,7 +16,7 @@ from pathlib import Path
 
 from benchmarks.loadgen import parse_mix, run_load, write
 from serving.config import AppConfig
-from serving.local import ensure_default_model, free_port, start_local, stop_local
+from serving.local import ensure_default_model, free_port, local_ray_env, start_local, stop_local
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 RATE, SECONDS, STEPS = 4.0, 25, 50
@@ -47,6 +47,7 @@ def main() -> int:
             }
         )
     )
+    local_ray_env()
     ray.init(num_cpus=8, num_gpus=3, include_dashboard=False, configure_logging=False)
     url = start_local(config, host="127.0.0.1", port=free_port())
     try:

@@ -13,6 +13,24 @@ from serving.env import SDSERVE_HOME
 logger = logging.getLogger(__name__)
 
 
+# Ray Serve settings for Ray started on one machine, applied before Ray starts (its processes inherit them).
+# Serve restarts an HTTP proxy that misses its 5 s readiness check (or three 10 s health checks); on a busy
+# two-core machine a proxy can take longer than that just to import, so it was restarted over and over and
+# never served. A local proxy that is slow to start is still the only proxy: give it time.
+LOCAL_RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
+}
+
+
+def local_ray_env() -> None:
+    """Put ``LOCAL_RAY_ENV`` into this process's environment (settings already there win); call before
+    ``ray.init``."""
+    for name, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(name, value)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -62,7 +80,7 @@ def start_local(
 
     from serving.app import build_app, grpc_options
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    local_ray_env()
     host = host or config.http.host
     port = port or config.http.port
     if not ray.is_initialized():

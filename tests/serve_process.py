@@ -14,12 +14,13 @@ from pathlib import Path
 import httpx
 
 from benchmarks.processes import stop_process_group
+from serving.local import LOCAL_RAY_ENV
 
 
 @contextmanager
 def serve_run(config_file: Path, port: int, extra_env: dict[str, str] | None = None) -> Iterator[str]:
     """Start `serve run CONFIG` on a fresh local Ray; yield the base URL once /readyz answers 200."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (extra_env or {})
+    env = LOCAL_RAY_ENV | {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (extra_env or {})
     log = config_file.with_suffix(".log").open("w")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "serve"), "run", str(config_file)],

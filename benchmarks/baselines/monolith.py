@@ -50,6 +50,9 @@ class APIIngress:
 def main(model_dir: str, port: int) -> None:
     import ray
 
+    from serving.local import local_ray_env
+
+    local_ray_env()
     ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     import torch

@@ -51,7 +51,7 @@ def live(
 ) -> Iterator[LiveService]:
     import ray
 
-    from serving.local import free_port, start_local, stop_local
+    from serving.local import free_port, local_ray_env, start_local, stop_local
 
     config = tiny_config(tiny_model_dir, tmp_path_factory.mktemp("outputs"))
     # Replicas reach the registry servers the way they would in a cluster: through the client libraries'
@@ -60,6 +60,7 @@ def live(
     # Autoscaling decisions in seconds rather than tens of seconds (Serve reads these at start).
     os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
     os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    local_ray_env()
     metrics_port = free_port()
     # Logical CPUs and fake GPUs: room for this app and the ones some tests deploy beside it.
     ray.init(
