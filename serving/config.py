@@ -325,6 +325,11 @@ class AppConfig(_Strict):
         for side in (int(v) for v in self.defaults.size.split("x")):
             if side % 8 or not self.limits.min_size <= side <= self.limits.max_size:
                 raise ValueError("defaults.size must be multiples of 8 within limits.min_size-limits.max_size")
+        # A default outside the limits would refuse every request that leaves the field out.
+        if self.defaults.steps > self.limits.max_steps:
+            raise ValueError("defaults.steps must not exceed limits.max_steps")
+        if self.defaults.guidance_scale > self.limits.max_guidance_scale:
+            raise ValueError("defaults.guidance_scale must not exceed limits.max_guidance_scale")
         return self
 
     @property

@@ -13,7 +13,6 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -87,11 +86,6 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[str], None] | None 
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(validation_error(exc.errors()))
-
-    @app.exception_handler(ValidationError)
-    async def _model_validation(_: Request, exc: ValidationError) -> JSONResponse:
-        # A request model built inside a handler (an adapter translating its own wire format) failed.
         return error_response(validation_error(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)

@@ -97,20 +97,20 @@ class JobManager:
             await self._refuse(job, idempotency_key, "the job queue is full")
         try:
             await self.store.create(job)
+            await self.store.append_event(job, {"type": "queued", "position": await self.store.queue_position(job)})
         except JobStoreFull as exc:
             logger.warning("refusing a job: %s", exc)
             self._leave(job.id)
             await self._refuse(job, idempotency_key, "the job store is full of unfinished jobs")
-        except BaseException:
+        except BaseException:  # the store failed, or the caller went away: the place must not leak
             self._leave(job.id)
             raise
-        await self.store.append_event(job, {"type": "queued", "position": await self.store.queue_position(job)})
         self._tasks[job.id] = asyncio.create_task(self._run(job, req), name=job.id)
+        if self._lease_task is None or self._lease_task.done():
+            self._lease_task = asyncio.create_task(self._renew_leases())
         # Let the task start: one cancelled before its first step never runs, so it would neither record the
         # cancel nor give back its place.
         await asyncio.sleep(0)
-        if self._lease_task is None or self._lease_task.done():
-            self._lease_task = asyncio.create_task(self._renew_leases())
         await self.store.renew_leases([job.id], self.spec.lease_s)
         return job, True
 
@@ -170,24 +170,30 @@ class JobManager:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limits.request_timeout_s
         attempt = 0
-        try:
-            async with asyncio.timeout_at(deadline):
-                while True:
-                    try:
-                        return await self.service.generate(req, progress, preview=job.preview)
-                    except ApiError as err:
-                        attempt += 1
-                        delay = min(float(limits.retry_after_s), 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
-                        if err.code != "overloaded" or loop.time() + delay >= deadline:
-                            raise
-                    logger.info("job %s: the stages are at capacity; trying again in %.2fs", job.id, delay)
-                    await asyncio.sleep(delay)
-                    if await self.store.cancel_requested(job.id):
-                        raise asyncio.CancelledError
-        except TimeoutError as exc:
-            raise ApiError(
-                504, "timeout", f"the job did not finish within {limits.request_timeout_s:g}s of leaving the queue"
-            ) from exc
+        while True:
+            try:
+                # Only the stage calls count against the deadline: a backoff that wakes late ends as
+                # "overloaded" below, whatever the timing.
+                async with asyncio.timeout_at(deadline):
+                    return await self.service.generate(req, progress, preview=job.preview)
+            except TimeoutError as exc:
+                raise ApiError(
+                    504, "timeout", f"the job did not finish within {limits.request_timeout_s:g}s of leaving the queue"
+                ) from exc
+            except ApiError as err:
+                if err.code != "overloaded":
+                    raise
+                attempt += 1
+                delay = min(float(limits.retry_after_s), 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
+                if loop.time() + delay >= deadline:
+                    raise
+                last = err
+            logger.info("job %s: the stages are at capacity; trying again in %.2fs", job.id, delay)
+            await asyncio.sleep(delay)
+            if loop.time() >= deadline:
+                raise last
+            if await self.store.cancel_requested(job.id):
+                raise asyncio.CancelledError
 
     def _take_place(self, job_id: str) -> bool:
         """Give a new job a slot towards the stages, or else a place in the queue; False when both are full."""

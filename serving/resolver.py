@@ -65,9 +65,10 @@ class RequestResolver:
             )
         max_chars = limits.max_prompt_tokens * CHARS_PER_TOKEN
         for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt or "")):
-            if len(text) > max_chars:
+            # Runs of whitespace count once, as CLIP's text cleaning collapses them.
+            if len(text) > max_chars and (length := len(" ".join(text.split()))) > max_chars:
                 raise invalid(
-                    f"{name} has {len(text)} characters; at most {max_chars} "
+                    f"{name} has {length} characters; at most {max_chars} "
                     f"({limits.max_prompt_tokens} CLIP tokens) are accepted",
                     name,
                 )

@@ -13,7 +13,10 @@ from serving.service import GenerationService, ModelCatalogState
 
 
 def resolver(**limits: object) -> RequestResolver:
-    config = AppConfig.model_validate({"limits": limits, "models": [{"name": "m", "source": "/models/m"}]})
+    defaults = {"steps": 4, "guidance_scale": 5.0}  # within every limit these tests set
+    config = AppConfig.model_validate(
+        {"limits": limits, "defaults": defaults, "models": [{"name": "m", "source": "/models/m"}]}
+    )
     models = ModelCatalogState(specs={"m": ModelSpec(name="m", source="/models/m")}, default="m")
     models.active["m"] = "/models/m"
     return RequestResolver(config, models)
@@ -63,6 +66,13 @@ def test_prompt_length_is_checked_before_tokenizing():
         assert (err.status, err.param) == (422, field)
 
 
+def test_whitespace_runs_count_once_as_clip_collapses_them():
+    limit = 75 * CHARS_PER_TOKEN
+    r = resolver(max_prompt_tokens=75)
+    assert r.resolve(ImageGenerationRequest(prompt="a cat" + " " * (2 * limit))).prompt.startswith("a cat")
+    assert refused(r, prompt="a " * limit).param == "prompt"
+
+
 def test_empty_prompt_samples_unconditionally():
     assert resolver().resolve(ImageGenerationRequest(prompt="")).prompt == ""
 
@@ -98,3 +108,7 @@ def test_config_refuses_a_default_size_outside_the_limits():
         AppConfig.model_validate({"defaults": {"size": "100x64"}})
     with pytest.raises(ValueError, match=r"defaults\.size"):
         AppConfig.model_validate({"defaults": {"size": "2048x2048"}})
+    with pytest.raises(ValueError, match=r"defaults\.steps"):
+        AppConfig.model_validate({"defaults": {"steps": 30}, "limits": {"max_steps": 20}})
+    with pytest.raises(ValueError, match=r"defaults\.guidance_scale"):
+        AppConfig.model_validate({"defaults": {"guidance_scale": 9}, "limits": {"max_guidance_scale": 8}})
