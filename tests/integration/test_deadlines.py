@@ -33,18 +33,21 @@ def test_past_deadline_is_504_and_work_is_cancelled(short_deadline_app: str) -> 
     waited = time.monotonic() - started
     assert response.status_code == 504, response.text
     assert response.json()["error"]["code"] == "timeout"
-    assert waited < 30  # answered at the deadline, not after the work would have finished
+    # Answered at the 1 s deadline, not when the work would have finished (150 steps of four 512x512 images take
+    # minutes on this CPU); the bound leaves a loaded machine ample room.
+    assert waited < 60
 
     # The denoiser drops the cancelled job at its next step, freeing the slot.
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     running = None
     while time.monotonic() < deadline:
         stages = httpx.get(f"{short_deadline_app}/readyz", timeout=30).json()["stages"]
-        running = stages["denoiser"]["running_jobs"]
+        # A replica busy with a step may miss /readyz's 5 s describe window: then ask again.
+        running = stages["denoiser"].get("running_jobs")
         if running == 0:
             break
         time.sleep(0.5)
-    assert running == 0
+    assert running == 0, stages
 
     quick = httpx.post(f"{short_deadline_app}/v1/images/generations", json={"prompt": "quick", "steps": 1}, timeout=60)
     assert quick.status_code == 200, quick.text

@@ -54,7 +54,7 @@ def test_generate_returns_images_and_settings(live: LiveService, stub: pb_grpc.I
     ("request_fields", "code", "detail"),
     [
         ({"prompt": "x", "steps": 1000}, grpc.StatusCode.INVALID_ARGUMENT, "steps"),
-        ({"prompt": ""}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        ({"prompt": "a" * 10_000}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),  # over the prompt bound
         ({"prompt": "x", "width": 64}, grpc.StatusCode.INVALID_ARGUMENT, "height"),
         ({"prompt": "x", "scheduler": "nope"}, grpc.StatusCode.INVALID_ARGUMENT, "unknown scheduler"),
         ({"prompt": "x", "model": "nope"}, grpc.StatusCode.NOT_FOUND, "model_not_found"),
