@@ -70,6 +70,27 @@ class ModelSnapshot:
         return files
 
 
+@dataclass(frozen=True)
+class ArtifactSnapshot:
+    """A registry artifact that is not a pipeline (an upscaler, a safety checker) on local disk.
+
+    Its folder holds the artifact's files as published (safetensors weights, JSON configs); the stage that
+    loads it reads every file, so ``stage_files`` takes the stage name only for symmetry with ``ModelSnapshot``.
+    """
+
+    path: Path
+    version: str
+    kind: str
+    allow_pickle: bool = False
+
+    @property
+    def use_safetensors(self) -> bool | None:
+        return None if self.allow_pickle else True
+
+    def stage_files(self, stage: str | None = None) -> list[Path]:
+        return sorted(p for p in self.path.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
 def family_for(class_name: str) -> ModelFamily:
     for family in MODEL_FAMILIES.values():
         if class_name in family.pipeline_classes:
