@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -73,8 +74,22 @@ class DenoiseProgress:
 
 
 @dataclass(frozen=True)
+class Pixels:
+    """Images between stages that work on pixels (decoder, upscaler, safety check): uint8 RGB, (n, h, w, 3).
+
+    ``flagged`` / ``withheld`` carry the safety check's verdicts once it ran (one per image): a withheld image's
+    pixels are zeroed and it is never encoded.
+    """
+
+    array: np.ndarray
+    model_version: str
+    flagged: tuple[bool, ...] = ()
+    withheld: tuple[bool, ...] = ()
+
+
+@dataclass(frozen=True)
 class DecodeParams:
-    """How the decoding stage should encode its images."""
+    """How the last stage of a plan encodes the image files."""
 
     output_format: OutputFormat = "png"
     quality: int | None = None  # JPEG / WebP quality 0-100; None: the format's default
@@ -82,8 +97,12 @@ class DecodeParams:
 
 @dataclass(frozen=True)
 class EncodedImages:
-    """Output of the decoding stage: one encoded file per image."""
+    """Output of a plan's last stage: one encoded file per image (empty for a withheld image)."""
 
     images: list[bytes]
     media_type: str
     model_version: str
+    width: int
+    height: int
+    flagged: tuple[bool, ...] = ()  # the safety check's verdict per image; empty when it did not run
+    withheld: tuple[bool, ...] = ()

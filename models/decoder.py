@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.contracts import DecodeParams, EncodedImages, Latents
-from models.images import MEDIA_TYPES, encode_image
+from models.contracts import DecodeParams, EncodedImages, Latents, Pixels
+from models.images import finish
 from models.snapshot import ModelSnapshot
 
 
@@ -60,8 +60,9 @@ class DecoderStage:
         array = image.cpu().permute(0, 2, 3, 1).float().numpy()
         return (array * 255).round().astype("uint8")
 
-    def decode(self, batch: list[tuple[Latents, DecodeParams]]) -> list[EncodedImages]:
-        """Decode a batch of requests; requests with the same latent shape share one VAE call."""
+    def decode(self, batch: list[tuple[Latents, DecodeParams | None]]) -> list[Pixels | EncodedImages]:
+        """Decode a batch of requests; requests with the same latent shape share one VAE call. A request with
+        ``DecodeParams`` gets its files encoded; one without gets pixels for the next stage of its plan."""
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, (latents, _) in enumerate(batch):
             groups.setdefault(tuple(latents.tensor.shape[1:]), []).append(i)
@@ -75,14 +76,7 @@ class DecoderStage:
                 pixels[i] = decoded[offset : offset + n]
                 offset += n
         results = []
-        for (latents, params), images in zip(batch, pixels, strict=True):
+        for (latents, output), images in zip(batch, pixels, strict=True):
             assert images is not None
-            files = [encode_image(img, params.output_format, params.quality) for img in images]
-            results.append(
-                EncodedImages(
-                    images=files,
-                    media_type=MEDIA_TYPES[params.output_format],
-                    model_version=latents.model_version,
-                )
-            )
+            results.append(finish(Pixels(images, latents.model_version), output))
         return results

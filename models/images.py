@@ -7,6 +7,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from models.contracts import DecodeParams, EncodedImages, Pixels
+
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 DEFAULT_QUALITY = {"jpeg": 90, "webp": 90}
 
@@ -22,3 +24,28 @@ def encode_image(pixels: np.ndarray, output_format: str, quality: int | None = N
     else:
         raise ValueError(f"unsupported output format {output_format!r}")
     return buffer.getvalue()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """An image file (PNG / JPEG / WebP, any mode) as an (H, W, 3) uint8 RGB array."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+
+
+def finish(pixels: Pixels, output: DecodeParams | None) -> Pixels | EncodedImages:
+    """What a pixel stage returns: the pixels for the next stage, or (``output`` set: the plan's last stage)
+    the encoded files. Encoding happens once, at the end; a withheld image is not encoded."""
+    if output is None:
+        return pixels
+    withheld = pixels.withheld or (False,) * len(pixels.array)
+    files = [b"" if hidden else encode_image(img, output.output_format, output.quality)
+             for img, hidden in zip(pixels.array, withheld, strict=True)]  # fmt: skip
+    return EncodedImages(
+        images=files,
+        media_type=MEDIA_TYPES[output.output_format],
+        model_version=pixels.model_version,
+        width=int(pixels.array.shape[2]),
+        height=int(pixels.array.shape[1]),
+        flagged=pixels.flagged,
+        withheld=pixels.withheld,
+    )

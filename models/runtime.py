@@ -22,43 +22,49 @@ from typing import Any
 
 import torch
 
-from models.decoder import DecoderStage
-from models.denoiser import DenoiserStage
 from models.devices import configure_threads, resolve_device, resolve_dtype
 from models.errors import UnknownModelError
-from models.registry import FetchReport, SnapshotCache
+from models.registry import FetchReport, RegistryError, SnapshotCache
 from models.registry.cache import Snapshot
-from models.snapshot import STAGE_COMPONENTS, open_snapshot
-from models.text_encoder import TextEncoderStage
+from models.snapshot import ArtifactSnapshot, ModelSnapshot, open_snapshot
 
 logger = logging.getLogger(__name__)
 
-AnyStage = TextEncoderStage | DenoiserStage | DecoderStage
-
-# Stage kind -> constructor(name, snapshot, device, dtype, **options). One row per stage kind.
-STAGE_KINDS: dict[str, Callable[..., AnyStage]] = {
-    "text_encoder": TextEncoderStage,
-    "denoiser": DenoiserStage,
-    "decoder": DecoderStage,
-}
+# A stage object (TextEncoderStage, DenoiserStage, UpscalerStage, ...): it has `name`, `version`, `snapshot` and
+# `loaded_modules()`; its constructor takes (name, snapshot, device, dtype, **options).
+AnyStage = Any
 
 
 class StageRuntime:
-    """The loaded versions of one stage kind's components."""
+    """The loaded versions of one stage's model (or artifact) for one replica.
+
+    Args:
+        kind: the stage's name (for logs and ``describe``).
+        build_stage: the stage's compute class, called as ``build_stage(name, snapshot, device, dtype, **options)``.
+        cache: the snapshot cache references are fetched through.
+        components: snapshot subfolders the stage reads (a pipeline stage).
+        artifact: the registry artifact kind it loads instead (an upscaler, a safety checker).
+    """
 
     def __init__(
         self,
         kind: str,
+        build_stage: Callable[..., AnyStage],
         cache: SnapshotCache,
+        components: tuple[str, ...] = (),
+        artifact: str | None = None,
         device: str = "auto",
         dtype: str = "auto",
         threads: int | None = None,
         **options: Any,
     ) -> None:
-        if kind not in STAGE_KINDS:
-            raise ValueError(f"unknown stage kind {kind!r}")
+        if bool(components) == bool(artifact):
+            raise ValueError(f"stage {kind!r} must load either snapshot components or an artifact kind")
         self.threads = configure_threads(threads)
         self.kind = kind
+        self.build_stage = build_stage
+        self.components = components
+        self.artifact = artifact
         self.cache = cache
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -72,7 +78,9 @@ class StageRuntime:
 
     def fetch(self, ref: str) -> tuple[str, Snapshot]:
         """Pin ``ref`` and make this stage's components local and verified; return (pinned ref, snapshot)."""
-        snap = self.cache.materialize(ref, STAGE_COMPONENTS[self.kind])
+        snap = self.cache.materialize(ref, self.components or None)
+        if self.artifact and snap.manifest is not None and snap.manifest.kind != self.artifact:
+            raise RegistryError(f"{ref} is a {snap.manifest.kind}, not a {self.artifact}", ref)
         return snap.report.pinned, snap
 
     def build(self, name: str, pinned: str, snap: Snapshot) -> AnyStage:
@@ -80,10 +88,21 @@ class StageRuntime:
         existing = self.loaded.get(pinned)
         if existing is not None:
             return existing
-        snapshot = open_snapshot(
-            snap.path, stage=self.kind, version=snap.report.version or None, allow_pickle=self.cache.allow_pickle
-        )
-        stage = STAGE_KINDS[self.kind](name, snapshot, self.device, self.dtype, **self.options)
+        snapshot: ModelSnapshot | ArtifactSnapshot
+        if self.components:
+            snapshot = open_snapshot(
+                snap.path,
+                self.components,
+                version=snap.report.version or None,
+                allow_pickle=self.cache.allow_pickle,
+                stage=self.kind,
+            )
+        else:
+            assert self.artifact is not None
+            snapshot = ArtifactSnapshot(
+                snap.path, snap.report.version or snap.path.name, self.artifact, self.cache.allow_pickle
+            )
+        stage = self.build_stage(name, snapshot, self.device, self.dtype, **self.options)
         with self._lock:
             self.loaded[pinned] = stage
             self.fetches[pinned] = snap.report
@@ -155,7 +174,9 @@ class StageRuntime:
             "version": stage.version,
             "components": stage.loaded_modules(),
             "torch_modules": sorted(type(m).__name__ for m in modules),
-            "files": [p.relative_to(stage.snapshot.path).as_posix() for p in stage.snapshot.stage_files(self.kind)],
+            "files": [
+                p.relative_to(stage.snapshot.path).as_posix() for p in stage.snapshot.stage_files(self.components)
+            ],
             "parameters": sum(p.numel() for m in modules for p in m.parameters()),
             "fetch": report.to_dict() if report else None,
         }

@@ -1,7 +1,8 @@
 """Local model snapshots in the diffusers layout, the families we can serve, and what each stage reads.
 
 A snapshot is a folder with ``model_index.json`` and one subfolder per component. Each stage reads only the
-subfolders it needs (``STAGE_COMPONENTS``), so a text-encoder replica never opens UNet weights.
+subfolders it needs (the stage table, ``serving/stages.py``, says which), so a text-encoder replica never opens
+UNet weights.
 """
 
 from __future__ import annotations
@@ -10,16 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 from urllib.parse import urlparse
-
-Stage = Literal["text_encoder", "denoiser", "decoder"]
-
-STAGE_COMPONENTS: dict[str, tuple[str, ...]] = {
-    "text_encoder": ("tokenizer", "text_encoder"),
-    "denoiser": ("unet", "scheduler"),
-    "decoder": ("vae",),
-}
 
 # Pickle-based weight files can execute code when loaded; only safetensors are read.
 UNSAFE_WEIGHT_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -62,10 +54,10 @@ class ModelSnapshot:
     def component_dir(self, component: str) -> Path:
         return self.path / component
 
-    def stage_files(self, stage: str) -> list[Path]:
-        """Every file the given stage reads, model_index.json included."""
+    def stage_files(self, components: tuple[str, ...]) -> list[Path]:
+        """Every file of the given components, model_index.json included."""
         files = [self.path / "model_index.json"]
-        for component in STAGE_COMPONENTS[stage]:
+        for component in components:
             files.extend(sorted(p for p in self.component_dir(component).rglob("*") if p.is_file()))
         return files
 
@@ -75,7 +67,7 @@ class ArtifactSnapshot:
     """A registry artifact that is not a pipeline (an upscaler, a safety checker) on local disk.
 
     Its folder holds the artifact's files as published (safetensors weights, JSON configs); the stage that
-    loads it reads every file, so ``stage_files`` takes the stage name only for symmetry with ``ModelSnapshot``.
+    loads it reads every file (``stage_files`` ignores its argument, kept for symmetry with ``ModelSnapshot``).
     """
 
     path: Path
@@ -87,7 +79,7 @@ class ArtifactSnapshot:
     def use_safetensors(self) -> bool | None:
         return None if self.allow_pickle else True
 
-    def stage_files(self, stage: str | None = None) -> list[Path]:
+    def stage_files(self, components: tuple[str, ...] = ()) -> list[Path]:
         return sorted(p for p in self.path.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
@@ -125,15 +117,20 @@ def snapshot_version(path: Path) -> str:
 
 
 def open_snapshot(
-    source: str | Path, stage: str | None = None, version: str | None = None, allow_pickle: bool = False
+    source: str | Path,
+    components: tuple[str, ...] = (),
+    version: str | None = None,
+    allow_pickle: bool = False,
+    stage: str = "",
 ) -> ModelSnapshot:
     """Check that ``source`` is a servable snapshot and return it.
 
     Args:
         source: a local path or ``file://`` URI.
-        stage: when given, also check the files that stage will read (present, safetensors only).
+        components: also check the files of these components (present, safetensors only).
         version: the snapshot's content id when the registry knows it (else one is derived from the files).
         allow_pickle: the registry's unsafe option: pickle-only components are accepted.
+        stage: the stage that reads them, for error messages.
     """
     path = local_path(str(source))
     index_file = path / "model_index.json"
@@ -144,12 +141,12 @@ def open_snapshot(
     snapshot = ModelSnapshot(
         path=path, version=version or snapshot_version(path), family=family, allow_pickle=allow_pickle
     )
-    if stage is not None:
-        for component in STAGE_COMPONENTS[stage]:
+    if components:
+        for component in components:
             if not snapshot.component_dir(component).is_dir():
-                raise SnapshotError(f"{path} has no {component}/ folder, which the {stage} stage needs")
-        unsafe = [p for p in snapshot.stage_files(stage) if p.suffix in UNSAFE_WEIGHT_SUFFIXES]
-        weights = [p for p in snapshot.stage_files(stage) if p.suffix == ".safetensors"]
+                raise SnapshotError(f"{path} has no {component}/ folder, which the {stage or 'stage'} needs")
+        unsafe = [p for p in snapshot.stage_files(components) if p.suffix in UNSAFE_WEIGHT_SUFFIXES]
+        weights = [p for p in snapshot.stage_files(components) if p.suffix == ".safetensors"]
         if unsafe and not weights and not allow_pickle:
             raise SnapshotError(
                 f"{path} holds only pickle-based weights ({unsafe[0].name}); convert them to safetensors"

@@ -144,7 +144,7 @@ def create_api(
             model=req.model,
             model_version=result.model_version,
             seed=req.seed,
-            size=f"{req.width}x{req.height}",
+            size=f"{result.width}x{result.height}",
             steps=req.steps,
             guidance_scale=req.guidance_scale,
             scheduler=req.scheduler,
@@ -260,20 +260,13 @@ def create_api(
 
     @app.get("/readyz", responses={503: _ERRORS[503]})
     async def readyz() -> JSONResponse:
-        stages = await service.describe_stages()
-        models = service.models.describe()
-        not_ready = [name for name, info in stages.items() if not info["ready"]]
-        not_ready += [f"model {name}" for name, info in models.items() if info["serving"] is None]
-        if not_ready:
+        """`ready`, `degraded` (serving; a configured model or artifact failed to load) or 503 `not_ready`."""
+        state = await service.readiness()
+        not_ready = state.pop("not_ready")
+        if state["status"] == "not_ready":
             err = ApiError(503, "not_ready", f"not ready: {', '.join(not_ready)}")
-            body = {"error": {"code": err.code, "message": err.message, "param": None}, "stages": stages}
-            return JSONResponse({**body, "models": models}, status_code=503)
-        # Serving, but a configured version failed to load (the previous one still serves): say so.
-        failed = {name: info["error"] for name, info in models.items() if info["error"]}
-        for stage, info in stages.items():
-            for name, error in info.get("load_errors", {}).items():
-                failed.setdefault(name, f"{stage}: {error}")
-        status = "degraded" if failed else "ready"
-        return JSONResponse({"status": status, "errors": failed, "models": models, "stages": stages})
+            body = {"error": {"code": err.code, "message": err.message, "param": None}}
+            return JSONResponse({**body, **state}, status_code=503)
+        return JSONResponse(state)
 
     return app

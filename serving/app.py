@@ -10,13 +10,7 @@ from typing import Any, cast
 from ray.serve import Application
 
 from serving.config import AppConfig, DeploymentSpec
-
-DEPLOYMENT_NAMES = {
-    "ingress": "Ingress",
-    "text_encoder": "TextEncoder",
-    "denoiser": "Denoiser",
-    "decoder": "Decoder",
-}
+from serving.stages import INGRESS_DEPLOYMENT, deployed_stages
 
 
 def deployment_options(name: str, spec: DeploymentSpec) -> dict[str, Any]:
@@ -52,43 +46,38 @@ def deployment_options(name: str, spec: DeploymentSpec) -> dict[str, Any]:
 
 
 def build_app(args: dict[str, Any] | AppConfig) -> Application:
-    """Bind the ingress and the three stage deployments for ``args`` (an ``AppConfig`` or its dict).
+    """Bind the ingress and every stage deployment the config runs (the stage table's rows) for ``args``.
 
-    The model catalog reaches every deployment as its ``user_config``, never as a constructor argument, so a
-    changed catalog is applied by ``reconfigure`` on the running replicas (a rollout) instead of restarting
-    them. From a Serve config file the catalog comes in each deployment's ``user_config`` override (see
-    ``render_serve_config``) and ``args`` carries no ``models``.
+    The catalog reaches every deployment as its ``user_config``, never as a constructor argument, so a changed
+    catalog is applied by ``reconfigure`` on the running replicas (a rollout) instead of restarting them. From a
+    Serve config file the catalog comes in each deployment's ``user_config`` override (see
+    ``render_serve_config``) and ``args`` carries no catalog.
     """
-    from serving.deployments.decoder import DecoderDeployment
-    from serving.deployments.denoiser import DenoiserDeployment
     from serving.deployments.ingress import IngressDeployment
-    from serving.deployments.text_encoder import TextEncoderDeployment
 
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
     catalog_given = isinstance(args, AppConfig) or "models" in args
     if catalog_given and not config.models:
         raise ValueError("the config has no models; add at least one to `models`")
     data = config.to_args()
-    data.pop("models")
+    for section in config.catalog():
+        data.pop(section)
 
-    def opts(section: str) -> dict[str, Any]:
+    def opts(section: str, name: str) -> dict[str, Any]:
         spec: DeploymentSpec = getattr(config, section)
-        options = deployment_options(DEPLOYMENT_NAMES[section], spec)
+        options = deployment_options(name, spec)
         if catalog_given:
             options["user_config"] = config.catalog()
         return options
 
     # serve.deployment returns a Deployment at runtime; the class type seen by mypy lacks .options().
+    # Serve finds the bound stages inside the dict and hands the ingress a DeploymentHandle for each.
     stages = {
-        name: cast(Any, cls).options(**opts(name)).bind(data)
-        for name, cls in (
-            ("text_encoder", TextEncoderDeployment),
-            ("denoiser", DenoiserDeployment),
-            ("decoder", DecoderDeployment),
-        )
+        stage.name: cast(Any, stage.deployment_cls()).options(**opts(stage.name, stage.deployment)).bind(data)
+        for stage in deployed_stages(config)
     }
-    ingress = cast(Any, IngressDeployment).options(**opts("ingress"))
-    app: Application = ingress.bind(data, stages["text_encoder"], stages["denoiser"], stages["decoder"])
+    ingress = cast(Any, IngressDeployment).options(**opts("ingress", INGRESS_DEPLOYMENT))
+    app: Application = ingress.bind(data, stages)
     return app
 
 
@@ -109,7 +98,8 @@ def render_serve_config(config: AppConfig) -> dict[str, Any]:
     when ``args`` change, but applies a changed ``user_config`` in place, which is how model versions roll out.
     """
     args = config.to_args()
-    catalog = {"models": args.pop("models")}
+    catalog = {section: args.pop(section) for section in config.catalog()}
+    names = [INGRESS_DEPLOYMENT] + [stage.deployment for stage in deployed_stages(config)]
     grpc = grpc_options(config)
     return {
         "proxy_location": "EveryNode",
@@ -121,7 +111,7 @@ def render_serve_config(config: AppConfig) -> dict[str, Any]:
                 "route_prefix": config.route_prefix,
                 "import_path": "serving.app:build_app",
                 "args": args,
-                "deployments": [{"name": name, "user_config": catalog} for name in DEPLOYMENT_NAMES.values()],
+                "deployments": [{"name": name, "user_config": catalog} for name in names],
             }
         ],
     }

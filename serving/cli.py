@@ -86,6 +86,18 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_render_stages(args: argparse.Namespace) -> int:
+    from serving.stages import chart_table
+
+    header = "# The stage table (serving/stages.py) as the Helm chart reads it. Generated: sdserve render-stage-table\n"
+    text = header + yaml.safe_dump(chart_table(), sort_keys=False)
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def cmd_config_defaults(args: argparse.Namespace) -> int:
     sys.stdout.write(yaml.safe_dump(AppConfig().to_args(), sort_keys=False))
     return 0
@@ -134,9 +146,9 @@ def cmd_models_push(args: argparse.Namespace) -> int:
 def cmd_models_pull(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from models.snapshot import STAGE_COMPONENTS
+    from serving.stages import STAGES
 
-    components = STAGE_COMPONENTS[args.stage] if args.stage else None
+    components = STAGES[args.stage].components if args.stage else None
     with tqdm(unit="B", unit_scale=True, desc="download", file=sys.stderr, disable=args.quiet) as bar:
         snap = _cache(args).materialize(args.ref, components, progress=bar.update)
     print(json.dumps({"path": str(snap.path), **snap.report.to_dict()}))
@@ -168,6 +180,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from models.testmodels import TEST_MODEL_SIZES
+    from serving.stages import pipeline_stages
 
     parser = argparse.ArgumentParser(prog="sdserve", description="Stable Diffusion serving on Ray Serve.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("config", help="AppConfig YAML")
     render.add_argument("-o", "--output", help="file to write (default: stdout)")
     render.set_defaults(func=cmd_render)
+
+    stages = sub.add_parser("render-stage-table", help="write the stage table as the Helm chart reads it")
+    stages.add_argument("-o", "--output", help="file to write (default: stdout)")
+    stages.set_defaults(func=cmd_render_stages)
 
     config = sub.add_parser("config", help="inspect the configuration model")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -226,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     push.set_defaults(func=cmd_models_push)
     pull = registry_command("pull", "download REF into the snapshot cache, verified", cmd_models_pull)
     pull.add_argument("ref")
-    pull.add_argument("--stage", choices=["text_encoder", "denoiser", "decoder"], help="only this stage's files")
+    pull.add_argument(
+        "--stage", choices=[s.name for s in pipeline_stages()], help="only the model files this stage reads"
+    )
     pull.add_argument("--quiet", action="store_true", help="no progress bar")
     pull.add_argument("--unsafe-allow-pickle-weights", action="store_true", help="UNSAFE: accept pickle weights")
     verify = registry_command("verify", "pull REF if needed and re-hash every cached file", cmd_models_verify)

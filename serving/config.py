@@ -46,6 +46,15 @@ class ModelSpec(_Strict):
         return value
 
 
+class ArtifactSpec(ModelSpec):
+    """One registry artifact a stage loads by name (an upscaler, a safety checker)."""
+
+    name: str = Field(description="Name clients (or the config) use for it.", pattern=r"^[\w.\-]+$")
+    source: str = Field(
+        description="Reference: file:///path (or a path), s3://bucket/prefix@<version>, hf://org/name@<rev>."
+    )
+
+
 class ModelCatalog(_Strict):
     """The served models: the part of the config a running application can change in place (`user_config`)."""
 
@@ -346,8 +355,12 @@ class AppConfig(_Strict):
         return self.model_dump(mode="json")
 
     def catalog(self) -> dict[str, Any]:
-        """The deployments' `user_config`: the model catalog, which changes without restarting replicas."""
-        return ModelCatalog(models=self.models).model_dump(mode="json")
+        """The deployments' `user_config`: the catalog sections (models and artifacts, one per section the stage
+        table names), which change without restarting replicas."""
+        from serving.stages import CATALOG_SECTIONS
+
+        sections = {section: getattr(self, section) for section in CATALOG_SECTIONS}
+        return ModelCatalog.model_validate(sections).model_dump(mode="json")
 
     def snapshot_cache(self, home: Path, cache_dir: str | None = None, allow_pickle: bool = False) -> SnapshotCache:
         """The snapshot cache these settings describe (``home``: $SDSERVE_HOME; the arguments override)."""

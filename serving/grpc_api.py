@@ -103,8 +103,8 @@ class GrpcApi:
             model=req.model,
             model_version=result.model_version,
             seed=req.seed,
-            width=req.width,
-            height=req.height,
+            width=result.width,
+            height=result.height,
             steps=req.steps,
             guidance_scale=req.guidance_scale,
             scheduler=req.scheduler,
@@ -150,11 +150,11 @@ class GrpcApi:
         return pb.ListModelsResponse(models=[pb.Model(id=m.name, description=m.description) for m in models])
 
     async def health(self, msg: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:
-        """SERVING when every stage answers; the service name is "" (the whole server) or ImageGeneration."""
+        """SERVING when ``/readyz`` would say ready or degraded; the service name is "" (the whole server) or
+        ImageGeneration."""
         if msg.service not in ("", SERVICE_NAME):
             raise ApiError(404, "not_found", f"unknown service {msg.service!r}")
-        stages = await self.service.describe_stages()
-        ready = all(info["ready"] for info in stages.values())
+        ready = (await self.service.readiness())["status"] != "not_ready"
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status)
 

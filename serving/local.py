@@ -61,7 +61,9 @@ def ensure_default_model(config: AppConfig) -> AppConfig:
 
 def reserved_cpus(config: AppConfig) -> float:
     """Logical CPUs the deployments reserve at their maximum replica counts."""
-    sections = (config.ingress, config.text_encoder, config.denoiser, config.decoder)
+    from serving.stages import deployed_stages
+
+    sections = [config.ingress] + [getattr(config, stage.name) for stage in deployed_stages(config)]
     return sum(s.resources.num_cpus * s.autoscaling.max_replicas for s in sections)
 
 

@@ -18,7 +18,7 @@ from serving.errors import ApiError, invalid
 from serving.schemas import ImageGenerationRequest
 
 if TYPE_CHECKING:
-    from serving.service import ModelCatalogState
+    from serving.rollout import ModelCatalogState
 
 # A CLIP token covers at most this many characters of a prompt (the longest entries of CLIP's vocabulary are
 # well under it), so a text longer than ``max_prompt_tokens * CHARS_PER_TOKEN`` cannot fit and is refused

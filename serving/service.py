@@ -1,8 +1,9 @@
-"""``GenerationService``: the one place a generation request is checked, run through the stages and answered.
+"""``GenerationService``: the one service layer REST, OpenAI, A1111 and gRPC adapters call.
 
-REST routes (and later gRPC) are thin adapters over it. It holds DeploymentHandles to the three stages and
-chains their calls so that tensors go stage to stage through Ray's object store: the ingress passes the
-encoder's response object straight into the denoiser call, and only the encoded image bytes come back here.
+It turns resolved requests into plans (``serving/plans.py``) and hands them to the ``ChainRunner``, which calls
+the stages so that tensors go stage to stage through Ray's object store: only the final encoded image bytes come
+back here. Request resolution (defaults, limits) is ``RequestResolver``; model rollouts are ``ModelRollout``;
+readiness is computed here once for every transport.
 """
 
 from __future__ import annotations
@@ -10,54 +11,69 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 
-from models.contracts import (
-    DecodeParams,
-    DenoiseParams,
-    DenoiseProgress,
-    EncodedImages,
-    EncodeRequest,
-    Latents,
-)
+from models.contracts import EncodedImages, Pixels
 from models.errors import StageInputError, UnknownModelError
 from models.registry.errors import RegistryError
-from serving.config import AppConfig, ModelCatalog, ModelSpec
+from serving.config import AppConfig
 from serving.env import SDSERVE_HOME
 from serving.errors import ApiError, invalid
+from serving.plans import Plan, plan_generation, plan_postprocess
 from serving.resolver import GenerationRequest, RequestResolver
+from serving.rollout import ModelCatalogState, ModelRollout
+from serving.runner import ChainRunner, OnProgress, RayStageClient, StageClient
 from serving.schemas import ImageGenerationRequest
+from serving.stages import STAGES, pipeline_stages
 
 logger = logging.getLogger(__name__)
-
-STAGES = ("text_encoder", "denoiser", "decoder")
-
-OnProgress = Callable[[DenoiseProgress], Awaitable[None]]
 
 
 @dataclass
 class GenerationResult:
     request: GenerationRequest
-    images: list[bytes]
+    images: list[bytes]  # empty bytes for a withheld image
     media_type: str
     model_version: str
+    width: int  # of the returned images (after upscaling)
+    height: int
+    flagged: tuple[bool, ...] = ()  # safety verdict per image; empty when the check did not run
+    withheld: tuple[bool, ...] = ()
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def delivered(self) -> list[bytes]:
+        """The images the client gets (withheld ones left out)."""
+        withheld = self.withheld or (False,) * len(self.images)
+        return [img for img, hidden in zip(self.images, withheld, strict=True) if not hidden]
 
 
 class GenerationService:
-    """Checks requests against the config, runs them through the stages and maps failures to API errors."""
+    """Runs requests through the stages and maps failures to API errors.
 
-    def __init__(self, config: AppConfig, text_encoder: Any, denoiser: Any, decoder: Any) -> None:
+    Args:
+        config: the application's config.
+        clients: stage name -> client (``RayStageClient`` over a Serve handle in the ingress; in-process clients
+            in tests). A stage the config does not deploy is simply absent.
+    """
+
+    def __init__(self, config: AppConfig, clients: Mapping[str, StageClient]) -> None:
         self.config = config
-        self.handles = {"text_encoder": text_encoder, "denoiser": denoiser, "decoder": decoder}
+        self.clients = dict(clients)
         self.models = ModelCatalogState()
         self.resolver = RequestResolver(config, self.models)
-        self.snapshots = config.snapshot_cache(SDSERVE_HOME)  # pins references (offline: from what is cached)
+        pipeline = {s.name: self.clients[s.name] for s in pipeline_stages() if s.name in self.clients}
+        self.rollout = ModelRollout(self.models, config.snapshot_cache(SDSERVE_HOME), pipeline)
+        self.runner = ChainRunner(self.clients, config.limits, self._map_error)
+
+    @classmethod
+    def over_handles(cls, config: AppConfig, handles: Mapping[str, Any]) -> GenerationService:
+        """The service over Serve ``DeploymentHandle``s (the ingress's case)."""
+        return cls(config, {name: RayStageClient(handle) for name, handle in handles.items()})
 
     # -- requests ---------------------------------------------------------------------------------------------
 
@@ -68,115 +84,39 @@ class GenerationService:
     async def generate(
         self, req: GenerationRequest, on_progress: OnProgress | None = None, preview: bool = False
     ) -> GenerationResult:
-        """Run one request through the three stages within the configured deadline.
-
-        Stage calls are pure functions of their inputs, so when a stage replica dies under the request the
-        chain is issued again (up to ``limits.replica_loss_retries`` times) and lands on live replicas; the
-        encoder's cache makes the re-run of the text stage free.
+        """Run one request's plan within the configured deadline (see ``ChainRunner``).
 
         With ``on_progress``, the denoiser streams a ``DenoiseProgress`` after each of its steps (carrying a
-        low-resolution preview when ``preview`` is set) and ``on_progress`` is awaited for each; a re-run after
-        a replica loss starts counting again from step 1.
+        low-resolution preview when ``preview`` is set) and ``on_progress`` is awaited for each.
         """
+        return await self._run(req, plan_generation(req), on_progress, preview)
+
+    async def postprocess(self, req: GenerationRequest, pixels: Pixels) -> GenerationResult:
+        """Run only the post-processing ``req`` asks for (e.g. an upscale) on an image the client sent."""
+        return await self._run(req, plan_postprocess(req, pixels), None, False)
+
+    async def _run(
+        self, req: GenerationRequest, plan: Plan, on_progress: OnProgress | None, preview: bool
+    ) -> GenerationResult:
         started = time.perf_counter()
-        limits = self.config.limits
-        attempts = 0
-        while True:
-            attempts += 1
-            remaining = limits.request_timeout_s - (time.perf_counter() - started)
-            try:
-                images = await self._with_deadline(
-                    self._run_chain(req) if on_progress is None else self._run_streaming(req, on_progress, preview),
-                    max(remaining, 0.0),
-                )
-                break
-            except BaseException as exc:
-                if _is_replica_loss(exc) and attempts <= limits.replica_loss_retries:
-                    logger.warning("a stage replica died under a request (attempt %d); re-running it", attempts)
-                    continue
-                if _is_replica_loss(exc):
-                    raise ApiError(
-                        503,
-                        "stage_unavailable",
-                        f"stage replicas kept failing ({attempts} attempts); retry shortly",
-                        headers={"Retry-After": str(limits.retry_after_s)},
-                    ) from exc
-                raise self._map_error(exc) from exc
+        images: EncodedImages = await self.runner.run(plan, on_progress, preview)
         elapsed = (time.perf_counter() - started) * 1000
         logger.info(
-            "generated model=%s steps=%d size=%dx%d n=%d user=%s in %.0f ms (attempts %d)",
-            req.model, req.steps, req.width, req.height, req.num_images, req.user, elapsed, attempts,
+            "generated model=%s plan=%s steps=%d size=%dx%d n=%d user=%s in %.0f ms",
+            req.model, "+".join(plan.stages), req.steps, images.width, images.height, len(images.images), req.user,
+            elapsed,
         )  # fmt: skip
         return GenerationResult(
             request=req,
             images=images.images,
             media_type=images.media_type,
             model_version=images.model_version,
+            width=images.width,
+            height=images.height,
+            flagged=images.flagged,
+            withheld=images.withheld,
             timings_ms={"total": round(elapsed, 1)},
         )
-
-    def _stage_inputs(self, req: GenerationRequest) -> tuple[EncodeRequest, DenoiseParams, DecodeParams]:
-        encode = EncodeRequest(
-            req.model, req.prompt, req.negative_prompt, with_negative=req.guidance_scale > 1.0, ref=req.ref
-        )
-        params = DenoiseParams(
-            model=req.model,
-            height=req.height,
-            width=req.width,
-            steps=req.steps,
-            guidance_scale=req.guidance_scale,
-            scheduler=req.scheduler,
-            seed=req.seed,
-            num_images=req.num_images,
-            ref=req.ref,
-        )
-        return encode, params, DecodeParams(req.output_format, req.quality)
-
-    async def _with_deadline(self, run: Awaitable[EncodedImages], timeout: float) -> EncodedImages:
-        # Cancelling the chain on timeout cancels its stage calls, so the denoiser drops the job.
-        try:
-            return await asyncio.wait_for(run, timeout=timeout)
-        except TimeoutError as exc:
-            raise ApiError(
-                504, "timeout", f"generation did not finish within {self.config.limits.request_timeout_s:g}s"
-            ) from exc
-
-    async def _run_chain(self, req: GenerationRequest) -> EncodedImages:
-        encode, params, decode = self._stage_inputs(req)
-        encoded = self.handles["text_encoder"].encode.remote(encode)
-        # Passing the response objects on (not awaited here) keeps tensors out of the ingress.
-        latents = self.handles["denoiser"].denoise.remote(encoded, params)
-        decoded = self.handles["decoder"].decode.remote(latents, decode)
-        try:
-            images: EncodedImages = await decoded
-        except asyncio.CancelledError:
-            for response in (decoded, latents, encoded):
-                response.cancel()
-            raise
-        return images
-
-    async def _run_streaming(self, req: GenerationRequest, on_progress: OnProgress, preview: bool) -> EncodedImages:
-        """The chain with the denoiser streaming its steps. Its final latents pass through this replica on
-        their way to the decoder (4 channels at 1/8 resolution: about 1/48 of the pixels the decoder sends
-        back anyway)."""
-        encode, params, decode = self._stage_inputs(req)
-        encoded = self.handles["text_encoder"].encode.remote(encode)
-        stream = self.handles["denoiser"].options(stream=True).denoise_stream.remote(encoded, params, preview)
-        latents: Latents | None = None
-        try:
-            async for item in stream:
-                if isinstance(item, DenoiseProgress):
-                    await on_progress(item)
-                else:
-                    latents = item
-        except BaseException:  # cancelled, timed out, or on_progress failed: the denoiser drops the job
-            stream.cancel()
-            encoded.cancel()
-            raise
-        if latents is None:
-            raise RuntimeError("the denoiser stream ended without latents")
-        images: EncodedImages = await self.handles["decoder"].decode.remote(latents, decode)
-        return images
 
     def _map_error(self, exc: BaseException) -> BaseException:
         """Translate stage and Ray failures into API errors; anything else stays a 500."""
@@ -202,76 +142,42 @@ class GenerationService:
         logger.error("generation failed: %r", exc)
         return exc
 
-    # -- catalog and rollout ----------------------------------------------------------------------------------
-
-    async def apply_catalog(self, user_config: dict[str, Any]) -> None:
-        """Take a (changed) model catalog; a changed reference is rolled out without dropping requests.
-
-        At replica start every reference is pinned and served at once (the stages load the same catalog
-        before they report ready). Later, a changed reference is pinned (a hub branch becomes a commit),
-        loaded by every stage beside the old version, and only then do new requests go to it; requests in
-        flight finish on the version they started with. A failed load keeps the old version serving and is
-        reported in ``/readyz``, ``GET /v1/models`` and the log.
-        """
-        catalog = ModelCatalog.model_validate(user_config or {})
-        state = self.models
-        initial = not state.specs
-        state.specs = {m.name: m for m in catalog.models}
-        state.default = catalog.models[0].name if catalog.models else None
-        for name in [n for n in state.active if n not in state.specs]:
-            del state.active[name]
-        changed = [m for m in catalog.models if state.configured.get(m.name) != m.source]
-        if initial:
-            await asyncio.gather(*(self._roll_out(m, prepare=False) for m in changed))
-        elif changed:
-            if state.rollout is not None and not state.rollout.done():
-                state.rollout.cancel()
-            state.rollout = asyncio.get_running_loop().create_task(self._roll_out_all(changed))
-
-    async def _roll_out_all(self, models: list[ModelSpec]) -> None:
-        await asyncio.gather(*(self._roll_out(m, prepare=True) for m in models))
-
-    async def _roll_out(self, model: ModelSpec, prepare: bool) -> None:
-        state = self.models
-        state.configured[model.name] = model.source
-        try:
-            pinned = str(await asyncio.to_thread(self.snapshots.pin, model.source))
-            if prepare:
-                # Every stage loads the version before any request uses it.
-                answers = await asyncio.gather(
-                    *(self.handles[stage].prepare.remote(model.name, pinned) for stage in STAGES)
-                )
-                versions = {answer["version"] for answer in answers}
-                if len(versions) != 1:
-                    raise RuntimeError(f"stages loaded different versions of {pinned}: {sorted(versions)}")
-                state.versions[model.name] = versions.pop()
-        except Exception as exc:
-            cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
-            state.errors[model.name] = f"{type(cause).__name__}: {cause}"[:1000]
-            logger.error("model %s: %s stays in service; %s failed: %s", model.name,
-                         state.active.get(model.name), model.source, exc)  # fmt: skip
-            return
-        previous = state.active.get(model.name)
-        state.active[model.name] = pinned
-        state.errors.pop(model.name, None)
-        logger.info("model %s now serves %s (configured %s, was %s)", model.name, pinned, model.source, previous)
-
     # -- catalog and health -----------------------------------------------------------------------------------
 
-    async def describe_stages(self, timeout_s: float = 5.0) -> dict[str, Any]:
-        """Ask one replica of each stage what it holds; a stage that does not answer in time is not ready."""
+    async def apply_catalog(self, user_config: dict[str, Any]) -> None:
+        """Take a (changed) catalog (see ``ModelRollout``)."""
+        await self.rollout.apply(user_config)
 
-        async def one(stage: str) -> dict[str, Any]:
+    async def describe_stages(self, timeout_s: float = 5.0) -> dict[str, Any]:
+        """Ask one replica of each deployed stage what it holds; a stage that does not answer in time is not
+        ready."""
+
+        async def one(name: str) -> dict[str, Any]:
             try:
-                result: dict[str, Any] = await asyncio.wait_for(
-                    self.handles[stage].describe.remote(), timeout=timeout_s
-                )
+                result: dict[str, Any] = await asyncio.wait_for(self.clients[name].call("describe"), timeout=timeout_s)
                 return {"ready": True, **result}
             except Exception as exc:  # not loaded yet, or failed to load
                 return {"ready": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
 
-        results = await asyncio.gather(*(one(s) for s in STAGES))
-        return dict(zip(STAGES, results, strict=True))
+        names = [name for name in STAGES if name in self.clients]
+        results = await asyncio.gather(*(one(name) for name in names))
+        return dict(zip(names, results, strict=True))
+
+    async def readiness(self) -> dict[str, Any]:
+        """``status``: ``not_ready`` (a stage does not answer, or a model has no loaded version), ``degraded``
+        (serving, but a configured model or artifact failed to load and the previous one, if any, still
+        serves) or ``ready``; with the reasons, the models and what each stage holds. REST ``/readyz`` and
+        gRPC health both answer from this."""
+        stages = await self.describe_stages()
+        models = self.models.describe()
+        not_ready = [name for name, info in stages.items() if not info["ready"]]
+        not_ready += [f"model {name}" for name, info in models.items() if info["serving"] is None]
+        failed = {name: info["error"] for name, info in models.items() if info["error"]}
+        for stage, info in stages.items():
+            for name, error in info.get("load_errors", {}).items():
+                failed.setdefault(name, f"{stage}: {error}")
+        status = "not_ready" if not_ready else "degraded" if failed else "ready"
+        return {"status": status, "not_ready": not_ready, "errors": failed, "models": models, "stages": stages}
 
     async def replica_counts(self) -> dict[str, int]:
         """Running replicas per deployment of this application, from the Serve controller."""
@@ -285,44 +191,3 @@ class GenerationService:
             name: sum(n for state, n in d.replica_states.items() if state == "RUNNING")
             for name, d in app.deployments.items()
         }
-
-
-@dataclass
-class ModelCatalogState:
-    """The ingress's view of the catalog: what each model name is served from right now."""
-
-    specs: dict[str, ModelSpec] = field(default_factory=dict)
-    default: str | None = None
-    configured: dict[str, str] = field(default_factory=dict)  # name -> reference as configured
-    active: dict[str, str] = field(default_factory=dict)  # name -> pinned reference new requests use
-    versions: dict[str, str] = field(default_factory=dict)  # name -> content id, once a stage reported it
-    errors: dict[str, str] = field(default_factory=dict)  # name -> why the configured reference is not served
-    rollout: asyncio.Task[None] | None = None
-
-    def describe(self) -> dict[str, dict[str, Any]]:
-        return {
-            name: {
-                "ref": self.configured.get(name),
-                "serving": self.active.get(name),
-                "version": self.versions.get(name),
-                "error": self.errors.get(name),
-            }
-            for name in self.specs
-        }
-
-
-_REPLICA_LOSS = (RayActorError, ActorDiedError, ActorUnavailableError)
-
-
-def _is_replica_loss(exc: BaseException) -> bool:
-    """Did the request fail because a replica process died (anywhere along the chain)?"""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, _REPLICA_LOSS):
-            return True
-        if isinstance(current, RayTaskError) and isinstance(current.cause, _REPLICA_LOSS):
-            return True
-        current = current.__cause__ or current.__context__
-    return False

@@ -14,6 +14,7 @@ from models.errors import UnknownModelError
 from serving.config import AppConfig, ModelCatalog, StageSpec
 from serving.env import SDSERVE_HOME
 from serving.metrics import GAUGE_REFRESH_S, StageMetrics
+from serving.stages import STAGES
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,12 +46,13 @@ class StageReplica:
     line rather than a traceback.
     """
 
-    kind: str = ""
+    kind: str = ""  # the stage's row in the stage table
 
     def __init__(self, config: dict[str, Any]) -> None:
         from models.runtime import StageRuntime  # torch is imported inside the replica, never by the ingress
 
         self.config = AppConfig.model_validate(config)
+        self.stage = STAGES[self.kind]
         spec: StageSpec = getattr(self.config, self.kind)
         self.spec = spec
         options = self.stage_options(self.config)
@@ -59,7 +61,16 @@ class StageReplica:
         # Build on the compute thread too. Each thread that runs torch work gets its own OpenMP thread team;
         # two teams on the same cores (one left spinning from the load) made every UNet call ~1.5x slower.
         self.runtime = self.executor.submit(
-            StageRuntime, self.kind, cache, device=spec.device, dtype=spec.dtype, threads=spec.torch_threads, **options
+            StageRuntime,
+            self.kind,
+            self.stage.compute_cls(),
+            cache,
+            components=self.stage.components,
+            artifact=self.stage.artifact,
+            device=spec.device,
+            dtype=spec.dtype,
+            threads=spec.torch_threads,
+            **options,
         ).result()
         self.metrics = StageMetrics(self.kind)
         self._waiting = 0  # requests in this replica not yet handed to the compute thread
@@ -85,7 +96,7 @@ class StageReplica:
     # -- model versions -------------------------------------------------------------------------------------
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        models = ModelCatalog.model_validate(user_config or {}).models
+        models = getattr(ModelCatalog.model_validate(user_config or {}), self.stage.catalog)
         if self._retirer is None:
             self._retirer = asyncio.get_running_loop().create_task(self._retire_loop())
             self._gauges = asyncio.get_running_loop().create_task(self._refresh_gauges())
@@ -111,7 +122,9 @@ class StageReplica:
             except Exception as exc:
                 self.load_errors[model.name] = f"{model.source}: {type(exc).__name__}: {exc}"[:1000]
                 logger.error("%s could not load %s from %s: %s", self.kind, model.name, model.source, exc)
-                if initial:
+                # A pipeline stage without its model cannot serve; an artifact stage serves its other artifacts
+                # (the failed one is refused and reported, and readiness says degraded).
+                if initial and not self.stage.artifact:
                     raise
                 continue
             previous = self.active.get(model.name)

@@ -1,4 +1,4 @@
-"""Decoder deployment: VAE decode batched across requests, then PNG / JPEG / WebP encoding."""
+"""Decoder deployment: VAE decode batched across requests; PNG / JPEG / WebP encoding when it ends the plan."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 from ray import serve
 
-from models.contracts import DecodeParams, EncodedImages, Latents
+from models.contracts import DecodeParams, EncodedImages, Latents, Pixels
 from serving.config import AppConfig
 from serving.deployments.common import StageReplica
 
@@ -25,11 +25,11 @@ class DecoderDeployment(StageReplica):
     def stage_options(config: AppConfig) -> dict[str, Any]:
         return {"tile_above_pixels": config.decoder.tile_above_pixels}
 
-    def _decode_all(self, items: list[tuple[Latents, DecodeParams]]) -> list[EncodedImages | Exception]:
+    def _decode_all(self, items: list[tuple[Latents, DecodeParams | None]]) -> list[Pixels | EncodedImages | Exception]:
         by_version: dict[tuple[str, str], list[int]] = {}
         for i, (latents, _) in enumerate(items):
             by_version.setdefault((latents.model, latents.ref), []).append(i)
-        results: list[EncodedImages | Exception] = [RuntimeError("not decoded")] * len(items)
+        results: list[Pixels | EncodedImages | Exception] = [RuntimeError("not decoded")] * len(items)
         for (model, ref), indices in by_version.items():
             try:
                 decoded = self.runtime.get(model, ref).decode([items[i] for i in indices])
@@ -41,11 +41,14 @@ class DecoderDeployment(StageReplica):
         return results
 
     @serve.batch  # size and wait come from the stage's config, set in __init__
-    async def _batch(self, items: list[tuple[Latents, DecodeParams]]) -> list[EncodedImages | Exception]:
-        results: list[EncodedImages | Exception] = await self.run_batch(self._decode_all, items)
+    async def _batch(
+        self, items: list[tuple[Latents, DecodeParams | None]]
+    ) -> list[Pixels | EncodedImages | Exception]:
+        results: list[Pixels | EncodedImages | Exception] = await self.run_batch(self._decode_all, items)
         return results
 
-    async def decode(self, latents: Latents, params: DecodeParams) -> EncodedImages:
+    async def decode(self, latents: Latents, output: DecodeParams | None = None) -> Pixels | EncodedImages:
+        """Pixels for the next stage of the plan, or (``output`` set) the encoded image files."""
         latents = self.pinned(latents, await self.resolve(latents.model, latents.ref))
-        result: EncodedImages = await self.submit_to_batch(self._batch, (latents, params))
+        result: Pixels | EncodedImages = await self.submit_to_batch(self._batch, (latents, output))
         return result

@@ -33,15 +33,10 @@ T = TypeVar("T")
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class IngressDeployment:
-    def __init__(
-        self,
-        config: dict[str, Any],
-        text_encoder: DeploymentHandle,
-        denoiser: DeploymentHandle,
-        decoder: DeploymentHandle,
-    ) -> None:
+    def __init__(self, config: dict[str, Any], stages: dict[str, DeploymentHandle]) -> None:
+        """``stages``: a handle per deployed stage of the stage table, by stage name."""
         self.config = AppConfig.model_validate(config)
-        self.service = GenerationService(self.config, text_encoder, denoiser, decoder)
+        self.service = GenerationService.over_handles(self.config, stages)
         out = self.config.outputs
         self.outputs = open_output_store(out.directory, out.store, out.ttl_s)
         # Serve runs __init__ on the replica's event loop, which then runs the sweeps between requests.

@@ -13,7 +13,7 @@ from models.registry import MANIFEST_NAME, SnapshotCache, parse_ref
 from models.registry.errors import IntegrityError, NotFoundError, RegistryError, UnsafeWeightsError
 from models.registry.manifest import Manifest, content_id
 from models.registry.sources import publish
-from models.snapshot import STAGE_COMPONENTS
+from serving.stages import STAGES
 from tests.registry.conftest import point_hub_at
 from tests.servers import DroppingProxy, HubServer, S3Server
 
@@ -31,16 +31,16 @@ def test_s3_push_then_stage_selective_pulls(s3_env: S3Server, model_copy: Path, 
     assert version == content_id((model_copy / MANIFEST_NAME).read_bytes())
     cache = SnapshotCache(tmp_path / "cache")
 
-    snap = cache.materialize("s3://models/tiny@v1", STAGE_COMPONENTS["denoiser"])
+    snap = cache.materialize("s3://models/tiny@v1", STAGES["denoiser"].components)
     assert {p.name for p in snap.path.iterdir()} == {"model_index.json", MANIFEST_NAME, "scheduler", "unet"}
     assert snap.report.version == version
     assert snap.report.bytes_fetched == sizes(model_copy, ("unet", "scheduler"))
     assert s3_env.gets("tiny/v1/vae/diffusion_pytorch_model.safetensors") == 0  # never asked for
 
-    text = cache.materialize("s3://models/tiny@v1", STAGE_COMPONENTS["text_encoder"])
+    text = cache.materialize("s3://models/tiny@v1", STAGES["text_encoder"].components)
     assert text.path == snap.path  # one content-addressed snapshot, filled component by component
     assert text.report.bytes_fetched == sizes(model_copy, ("tokenizer", "text_encoder")) - sizes(model_copy, ())
-    again = cache.materialize("s3://models/tiny@v1", STAGE_COMPONENTS["denoiser"])
+    again = cache.materialize("s3://models/tiny@v1", STAGES["denoiser"].components)
     assert again.report.bytes_fetched == 0 and again.report.bytes_cached == snap.report.bytes_fetched
     assert cache.verify("s3://models/tiny@v1") == []
 
@@ -75,12 +75,12 @@ def test_a_corrupted_byte_is_caught_and_never_published(s3_env: S3Server, model_
 
     cache = SnapshotCache(tmp_path / "cache")
     with pytest.raises(IntegrityError, match=r"unet/diffusion_pytorch_model\.safetensors"):
-        cache.materialize("s3://models/tiny@corrupt", STAGE_COMPONENTS["denoiser"])
+        cache.materialize("s3://models/tiny@corrupt", STAGES["denoiser"].components)
     cid = content_id((model_copy / MANIFEST_NAME).read_bytes())
     assert not (tmp_path / "cache" / "snapshots" / cid / "unet").exists()
     assert not list((tmp_path / "cache" / "partial").rglob("diffusion_pytorch_model.safetensors"))
     # Components that do match are still served (the decoder's VAE is intact).
-    cache.materialize("s3://models/tiny@corrupt", STAGE_COMPONENTS["decoder"])
+    cache.materialize("s3://models/tiny@corrupt", STAGES["decoder"].components)
 
 
 def test_pickle_weights_are_refused_unless_explicitly_allowed(
@@ -93,9 +93,9 @@ def test_pickle_weights_are_refused_unless_explicitly_allowed(
     publish(model_copy, parse_ref("s3://models/pickled@v1"), allow_pickle=True)
 
     with pytest.raises(UnsafeWeightsError, match="unsafe_allow_pickle_weights"):
-        SnapshotCache(tmp_path / "cache").materialize("s3://models/pickled@v1", STAGE_COMPONENTS["denoiser"])
+        SnapshotCache(tmp_path / "cache").materialize("s3://models/pickled@v1", STAGES["denoiser"].components)
     # Components without pickle files are unaffected, and the loud option lets the rest through.
-    SnapshotCache(tmp_path / "cache").materialize("s3://models/pickled@v1", STAGE_COMPONENTS["decoder"])
+    SnapshotCache(tmp_path / "cache").materialize("s3://models/pickled@v1", STAGES["decoder"].components)
     unsafe = SnapshotCache(tmp_path / "cache", allow_pickle=True)
     assert (
         unsafe.materialize("s3://models/pickled@v1", ("unet",)).path / "unet" / weights.with_suffix(".bin").name
@@ -113,7 +113,7 @@ def test_s3_download_dropped_midway_resumes(
     try:
         cache = SnapshotCache(tmp_path / "cache", attempts=1)
         with pytest.raises(RegistryError):
-            cache.materialize("s3://models/tiny@flaky", STAGE_COMPONENTS["denoiser"])
+            cache.materialize("s3://models/tiny@flaky", STAGES["denoiser"].components)
         cid = content_id((model_copy / MANIFEST_NAME).read_bytes())
         assert proxy.dropped == 1
         assert not (tmp_path / "cache" / "snapshots" / cid / "unet").exists()  # nothing partial is visible
@@ -131,7 +131,7 @@ def test_s3_download_dropped_midway_resumes(
 def test_hub_branch_is_pinned_to_its_commit(hub_env: HubServer, model_copy: Path, tmp_path: Path) -> None:
     commit = hub_env.publish(model_copy, "acme/tiny")
     cache = SnapshotCache(tmp_path / "cache")
-    snap = cache.materialize("hf://acme/tiny@main", STAGE_COMPONENTS["decoder"])
+    snap = cache.materialize("hf://acme/tiny@main", STAGES["decoder"].components)
     assert snap.report.pinned == f"hf://acme/tiny@{commit}"
     assert {p.name for p in snap.path.iterdir()} == {"model_index.json", MANIFEST_NAME, "vae"}
     assert snap.report.bytes_fetched == sizes(model_copy, ("vae",))
@@ -142,7 +142,7 @@ def test_hub_branch_is_pinned_to_its_commit(hub_env: HubServer, model_copy: Path
     )
     second = hub_env.publish(model_copy, "acme/tiny")
     assert cache.pin("hf://acme/tiny@main") == parse_ref(f"hf://acme/tiny@{second}")
-    old = cache.materialize(f"hf://acme/tiny@{commit}", STAGE_COMPONENTS["denoiser"])
+    old = cache.materialize(f"hf://acme/tiny@{commit}", STAGES["denoiser"].components)
     assert old.report.version == snap.report.version
 
 
@@ -157,15 +157,15 @@ def test_hub_unknown_revisions_and_offline_mode(
         cache.materialize("hf://acme/offline@no-such-branch")
     with pytest.raises(RegistryError):
         cache.materialize("hf://acme/offline@" + "0" * 40)
-    cache.materialize("hf://acme/offline@main", STAGE_COMPONENTS["decoder"])
+    cache.materialize("hf://acme/offline@main", STAGES["decoder"].components)
 
     # Offline: no request reaches a hub; what was pinned and cached here is served, nothing else.
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     point_hub_at(monkeypatch, "http://127.0.0.1:9")
-    snap = cache.materialize("hf://acme/offline@main", STAGE_COMPONENTS["decoder"])
+    snap = cache.materialize("hf://acme/offline@main", STAGES["decoder"].components)
     assert snap.report.pinned == f"hf://acme/offline@{commit}" and snap.report.bytes_fetched == 0
     with pytest.raises(RegistryError):
-        cache.materialize("hf://acme/offline@main", STAGE_COMPONENTS["denoiser"])  # never downloaded
+        cache.materialize("hf://acme/offline@main", STAGES["denoiser"].components)  # never downloaded
 
 
 def test_hub_download_dropped_midway_recovers(

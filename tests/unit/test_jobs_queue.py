@@ -67,7 +67,9 @@ class FakeService:
         finally:
             self.in_flight -= 1
         images = [req.prompt.encode().ljust(self.image_bytes, b".")] * req.num_images
-        return GenerationResult(request=req, images=images, media_type="image/png", model_version="v1")
+        return GenerationResult(
+            request=req, images=images, media_type="image/png", model_version="v1", width=req.width, height=req.height
+        )
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:

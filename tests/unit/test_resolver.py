@@ -8,8 +8,9 @@ from serving.a1111 import A1111Api, Txt2ImgRequest
 from serving.config import AppConfig, ModelSpec
 from serving.errors import ApiError
 from serving.resolver import CHARS_PER_TOKEN, RequestResolver
+from serving.rollout import ModelCatalogState
 from serving.schemas import ImageGenerationRequest
-from serving.service import GenerationService, ModelCatalogState
+from serving.service import GenerationService
 
 
 def resolver(**limits: object) -> RequestResolver:
@@ -79,10 +80,7 @@ def test_empty_prompt_samples_unconditionally():
 
 def test_a1111_errors_name_a1111_fields():
     service = GenerationService(
-        AppConfig.model_validate({"models": [{"name": "m", "source": "/models/m"}], "limits": {"max_images": 4}}),
-        None,
-        None,
-        None,
+        AppConfig.model_validate({"models": [{"name": "m", "source": "/models/m"}], "limits": {"max_images": 4}}), {}
     )
     service.models.specs = {"m": ModelSpec(name="m", source="/models/m")}
     service.models.default = "m"

@@ -141,7 +141,7 @@ def test_sd15_size_is_the_real_architecture(built: Callable[[str], Path]) -> Non
 def test_cli_create_test(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models", "create-test", str(tmp_path / "m"), "--size", "tiny", "--seed", "3"]) == 0
     assert "wrote tiny test model" in capsys.readouterr().out
-    assert open_snapshot(str(tmp_path / "m"), stage="denoiser").family.name == "sd1"
+    assert open_snapshot(str(tmp_path / "m"), ("unet", "scheduler")).family.name == "sd1"
 
 
 def test_snapshot_checks(tmp_path: Path, tiny_model_dir: Path) -> None:
