@@ -127,6 +127,16 @@ class DeploymentSpec(_Strict):
     health_check_period_s: float = Field(default=10.0, gt=0, description="Seconds between health checks.")
     graceful_shutdown_timeout_s: float = Field(default=30.0, ge=0, description="Drain time before a replica stops.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_resources(cls, data: Any) -> Any:
+        # A section's `resources` given in part (e.g. only the custom resource the chart pins) keeps the section's
+        # own defaults for the rest, not ResourceSpec's: the decoder's 0.25 CPUs stay 0.25.
+        if isinstance(data, dict) and isinstance(data.get("resources"), dict):
+            default = cls.model_fields["resources"].get_default(call_default_factory=True)
+            data = {**data, "resources": {**default.model_dump(), **data["resources"]}}
+        return data
+
 
 class StageSpec(DeploymentSpec):
     """A model stage: Serve options plus how it runs torch."""

@@ -31,8 +31,10 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run([tool("helm"), *args], capture_output=True, text=True, timeout=120, check=check)
 
 
-def render(values: list[Path] | None = None, sets: list[str] | None = None, release: str = "sdserve") -> list[dict]:
-    args = ["template", release, str(CHART)]
+def render(
+    values: list[Path] | None = None, sets: list[str] | None = None, release: str = "sdserve", chart: Path = CHART
+) -> list[dict]:
+    args = ["template", release, str(chart)]
     for v in values or []:
         args += ["-f", str(v)]
     for s in sets or []:

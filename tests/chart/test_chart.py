@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import jsonschema
@@ -14,6 +15,7 @@ import yaml
 
 from serving.app import render_serve_config
 from serving.config import AppConfig
+from serving.stages import STAGES, Stage, chart_table, deployed_stages
 from tests.chart.helpers import (
     CHART,
     KUBERAY_SCHEMAS,
@@ -143,22 +145,35 @@ def merged(base: dict, override: dict) -> dict:
     return out
 
 
-def deployed_config(values_files: list[Path]) -> AppConfig:
-    """The AppConfig a release with these values files deploys: the values' `config`, plus what the chart pins
-    (HTTP on 0.0.0.0:service.httpPort, gRPC per `grpc.enabled`, images under /tmp, which the read-only root
-    filesystem leaves writable, and each stage on its group's custom resource, the ingress on the head's)."""
+def chart_values(values_files: list[Path]) -> dict:
+    """The chart's values with these values files laid over them."""
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     for path in values_files:
         values = merged(values, yaml.safe_load(path.read_text()))
+    return values
+
+
+def group_enabled(values: dict, stage: Stage) -> bool:
+    """Whether the stage's worker group runs: `workerGroups.<group>` laid over `workerGroupDefaults`."""
+    group = merged(values["workerGroupDefaults"], values["workerGroups"].get(stage.worker_group, {}))
+    return bool(group["enabled"])
+
+
+def deployed_config(values_files: list[Path]) -> AppConfig:
+    """The AppConfig a release with these values files deploys: the values' `config`, plus what the chart pins
+    (HTTP on 0.0.0.0:service.httpPort, gRPC per `grpc.enabled`, images under /tmp, which the read-only root
+    filesystem leaves writable, and each deployed stage on its group's custom resource, the ingress on the
+    head's)."""
+    values = chart_values(values_files)
     pins: dict = {
         "http": {"host": "0.0.0.0", "port": values["service"]["httpPort"]},
         "grpc": {"enabled": values["grpc"]["enabled"], "port": values["service"]["grpcPort"]},
         "outputs": {"directory": "/tmp/sdserve/outputs"},
         "ingress": {"resources": {"resources": {"sdserve_head": 1}}},
     }
-    for stage, group in (("text_encoder", "encoder"), ("denoiser", "denoiser"), ("decoder", "decoder")):
-        if values["workerGroups"][group]["enabled"]:
-            pins[stage] = {"resources": {"resources": {f"sdserve_{group}": 1}}}
+    for stage in deployed_stages(AppConfig.model_validate(values["config"])):
+        if group_enabled(values, stage):
+            pins[stage.name] = {"resources": {"resources": {f"sdserve_{stage.worker_group}": 1}}}
     return AppConfig.model_validate(merged(values["config"], pins))
 
 
@@ -180,19 +195,30 @@ def test_chart_serve_config_base_is_current() -> None:
     )
 
 
+def test_stage_table_is_current() -> None:
+    """The chart reads the stage table from files/stages.yaml; it must follow serving/stages.py."""
+    text = (CHART / "files" / "stages.yaml").read_text()
+    assert yaml.safe_load(text) == chart_table(), (
+        "regenerate: sdserve render-stage-table -o charts/sdserve/files/stages.yaml"
+    )
+
+
 def test_stages_are_pinned_to_their_groups(rendering: tuple[str, list[dict]]) -> None:
-    _, docs = rendering
+    name, docs = rendering
     (service,) = [d for d in docs if d["kind"] == "RayService"]
     args = serve_config_of(docs)["applications"][0]["args"]
     groups = {g["groupName"]: g for g in service["spec"]["rayClusterConfig"].get("workerGroupSpecs", [])}
-    for stage, group in (("text_encoder", "encoder"), ("denoiser", "denoiser"), ("decoder", "decoder")):
-        resource = f"sdserve_{group}"
-        if group in groups:
-            assert args[stage]["resources"]["resources"] == {resource: 1}
-            advertised = json.loads(json.loads(groups[group]["rayStartParams"]["resources"]))
+    values = chart_values(VALUES_SETS[name])
+    deployed = deployed_stages(deployed_config(VALUES_SETS[name]))
+    assert {s.worker_group for s in deployed if group_enabled(values, s)} <= set(groups)
+    for stage in STAGES.values():
+        resource = f"sdserve_{stage.worker_group}"
+        if stage in deployed and stage.worker_group in groups:
+            assert args[stage.name]["resources"]["resources"] == {resource: 1}
+            advertised = json.loads(json.loads(groups[stage.worker_group]["rayStartParams"]["resources"]))
             assert set(advertised) == {resource}
         else:
-            assert resource not in json.dumps(args.get(stage, {}))
+            assert resource not in json.dumps(args.get(stage.name, {}))
     head_resources = json.loads(
         json.loads(service["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["resources"])
     )
@@ -253,3 +279,127 @@ def test_dockerfile_passes_hadolint() -> None:
 def test_chart_is_self_contained(tmp_path: Path) -> None:
     result = helm("package", str(CHART), "-d", str(tmp_path))
     assert result.returncode == 0 and list(tmp_path.glob("sdserve-*.tgz"))
+
+
+def pdb_groups(docs: list[dict]) -> set[str]:
+    return {
+        d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"].removeprefix("worker-")
+        for d in docs
+        if d["kind"] == "PodDisruptionBudget"
+    }
+
+
+def worker_groups(docs: list[dict]) -> dict[str, dict]:
+    (service,) = [d for d in docs if d["kind"] == "RayService"]
+    return {g["groupName"]: g for g in service["spec"]["rayClusterConfig"].get("workerGroupSpecs", [])}
+
+
+def test_worker_groups_and_pdbs_follow_the_stage_table(rendering: tuple[str, list[dict]]) -> None:
+    """One worker group (and PDB, when enabled) per enabled group of a deployed stage, in table order."""
+    name, docs = rendering
+    values = chart_values(VALUES_SETS[name])
+    deployed = deployed_stages(deployed_config(VALUES_SETS[name]))
+    expected = list(dict.fromkeys(s.worker_group for s in deployed if group_enabled(values, s)))
+    extra = [g for g, spec in sorted(values["additionalWorkerGroups"].items()) if not spec.get("disabled")]
+    assert list(worker_groups(docs)) == expected + extra
+    assert pdb_groups(docs) == (set(expected) if values["podDisruptionBudget"]["enabled"] else set())
+    names = [d["name"] for d in serve_config_of(docs)["applications"][0]["deployments"]]
+    assert names == ["Ingress"] + [s.deployment for s in deployed]
+
+
+def test_a_worker_group_entry_naming_no_stage_fails() -> None:
+    bad = helm("template", "x", str(CHART), "--set", "workerGroups.encodr.gpus=0", check=False)
+    assert bad.returncode != 0 and "workerGroups.encodr" in bad.stderr and "additionalWorkerGroups" in bad.stderr
+    bad = helm("template", "x", str(CHART), "--set", "additionalWorkerGroups.denoiser.gpus=0", check=False)
+    assert bad.returncode != 0 and "additionalWorkerGroups.denoiser" in bad.stderr
+
+
+UPSCALER = {"name": "upscaler", "deployment": "Upscaler", "workerGroup": "upscaler", "catalog": "upscalers"}
+
+
+def test_a_new_stage_needs_no_template_change(tmp_path: Path) -> None:
+    """A row appended to the chart's stage table (an optional upscaler stage with its own catalog section)
+    deploys, pins, groups and budgets the stage from the table alone: the templates are the shipped ones."""
+    chart = tmp_path / "sdserve"
+    shutil.copytree(CHART, chart)
+    table = yaml.safe_load((chart / "files" / "stages.yaml").read_text())
+    # The table as it would be without such a stage (the real one may have it already), plus the fake row.
+    table["stages"] = [row for row in table["stages"] if row["name"] != UPSCALER["name"]]
+    table["catalogs"] = [c for c in table["catalogs"] if c != UPSCALER["catalog"]] + [UPSCALER["catalog"]]
+    table["stages"].append(UPSCALER | {"optional": True})
+    (chart / "files" / "stages.yaml").write_text(yaml.safe_dump(table, sort_keys=False))
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())["workerGroupDefaults"]
+    always = [row["deployment"] for row in table["stages"] if not row["optional"]]
+    always_groups = list(dict.fromkeys(row["workerGroup"] for row in table["stages"] if not row["optional"]))
+
+    # No upscaler in the catalog: no Upscaler deployment, group or PDB; the empty section is still user_config.
+    docs = render(sets=["config.upscalers=[]"], chart=chart)
+    app = serve_config_of(docs)["applications"][0]
+    assert [d["name"] for d in app["deployments"]] == ["Ingress", *always]
+    assert all(d["user_config"]["upscalers"] == [] for d in app["deployments"])
+    assert "upscalers" not in app["args"] and "sdserve_upscaler" not in json.dumps(app["args"])
+    assert "upscaler" not in worker_groups(docs) and "upscaler" not in pdb_groups(docs)
+
+    # One upscaler: its deployment, a group from workerGroupDefaults, its PDB, and the pin.
+    docs = render(sets=['config.upscalers=[{"name": "x4", "source": "/models/x4"}]'], chart=chart)
+    app = serve_config_of(docs)["applications"][0]
+    assert [d["name"] for d in app["deployments"]] == ["Ingress", *always, "Upscaler"]
+    for deployment in app["deployments"]:
+        assert deployment["user_config"]["upscalers"] == [{"name": "x4", "source": "/models/x4", "description": ""}]
+        assert [m["name"] for m in deployment["user_config"]["models"]] == ["sd15"]
+    assert "upscalers" not in app["args"] and "models" not in app["args"]
+    assert app["args"]["upscaler"]["resources"]["resources"] == {"sdserve_upscaler": 1}
+    groups = worker_groups(docs)
+    assert list(groups) == [*always_groups, "upscaler"]
+    group = groups["upscaler"]
+    assert json.loads(json.loads(group["rayStartParams"]["resources"])) == {"sdserve_upscaler": defaults["slots"]}
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (
+        defaults["replicas"],
+        defaults["minReplicas"],
+        defaults["maxReplicas"],
+    )
+    pod = group["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == defaults["gpus"]
+    assert pod["tolerations"] == defaults["tolerations"]
+    assert group["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "worker-upscaler"
+    assert "upscaler" in pdb_groups(docs)
+    (service,) = [d for d in docs if d["kind"] == "RayService"]
+    jsonschema.validate(service, crd_schema("RayService"))
+
+    # Its group takes values like any other, and off it is neither rendered nor pinned.
+    docs = render(
+        sets=['config.upscalers=[{"name": "x4", "source": "/models/x4"}]', "workerGroups.upscaler.enabled=false"],
+        chart=chart,
+    )
+    assert "upscaler" not in worker_groups(docs) and "upscaler" not in pdb_groups(docs)
+    app = serve_config_of(docs)["applications"][0]
+    assert "Upscaler" in [d["name"] for d in app["deployments"]]
+    assert "sdserve_upscaler" not in json.dumps(app["args"])
+
+
+def test_additional_worker_groups() -> None:
+    """Extra groups render when not disabled, over workerGroupDefaults, and advertise no stage resource."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    (example,) = values["additionalWorkerGroups"]
+    assert values["additionalWorkerGroups"][example]["disabled"] is True
+    assert example not in worker_groups(render())
+
+    docs = render(sets=[f"additionalWorkerGroups.{example}.disabled=false", 'additionalWorkerGroups.spot={"gpus": 0}'])
+    groups = worker_groups(docs)
+    stage_groups = [g for g in groups if g not in (example, "spot")]
+    assert stage_groups and list(groups) == [*stage_groups, example, "spot"]
+    advertised = json.loads(json.loads(groups[example]["rayStartParams"]["resources"]))
+    assert advertised == json.loads(
+        json.loads(values["additionalWorkerGroups"][example]["rayStartParams"]["resources"])
+    )
+    assert not any(k.startswith("sdserve_") for k in advertised)
+    assert "resources" not in groups["spot"]["rayStartParams"]
+    spot = groups["spot"]["template"]["spec"]
+    assert spot["containers"][0]["resources"]["requests"] == values["workerGroupDefaults"]["resources"]["requests"]
+    assert "nvidia.com/gpu" not in spot["containers"][0]["resources"]["limits"]
+    assert groups["spot"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "worker-spot"
+    assert pdb_groups(docs) == set(stage_groups)
+    (service,) = [d for d in docs if d["kind"] == "RayService"]
+    jsonschema.validate(service, crd_schema("RayService"))
+    bad = helm("template", "x", str(CHART), "--set", "additionalWorkerGroups.bad_name.gpus=0", check=False)
+    assert bad.returncode != 0

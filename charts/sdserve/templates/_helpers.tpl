@@ -47,6 +47,76 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/*
+The stages this release deploys, in table order, as YAML `stages: [...]` (rows of files/stages.yaml, which
+`sdserve render-stage-table` writes from serving/stages.py): every stage, an optional one only when its
+catalog section `config.<catalog>` names something (Stage.deployed). Nothing here names a stage: a new row
+in the table needs no template change.
+*/}}
+{{- define "sdserve.deployedStages" -}}
+{{- $table := .Files.Get "files/stages.yaml" | fromYaml }}
+{{- $stages := list }}
+{{- range $table.stages }}
+{{- if or (not .optional) (get ($.Values.config | default dict) .catalog) }}
+{{- $stages = append $stages . }}
+{{- end }}
+{{- end }}
+{{- toYaml (dict "stages" $stages) }}
+{{- end }}
+
+{{/*
+The worker groups hosting the deployed stages, in table order, as YAML `groups: [{name, settings}]` (a group
+hosting several stages appears once; disabled groups included, callers check `settings.enabled`). A group's
+settings are `workerGroups.<group>` laid over `workerGroupDefaults`, so a stage whose group has no entry in
+values still gets a group. A `workerGroups` entry no stage of the table runs on is an error (a typo, or an
+extra group that belongs in `additionalWorkerGroups`).
+*/}}
+{{- define "sdserve.stageGroups" -}}
+{{- $table := .Files.Get "files/stages.yaml" | fromYaml }}
+{{- $known := list }}
+{{- range $table.stages }}
+{{- $known = append $known .workerGroup }}
+{{- end }}
+{{- range $name, $_ := .Values.workerGroups }}
+{{- if not (has $name $known) }}
+{{- fail (printf "workerGroups.%s: no stage runs on a group of that name (stage groups: %s); extra groups go in additionalWorkerGroups" $name (join ", " (uniq $known))) }}
+{{- end }}
+{{- end }}
+{{- $groups := list }}
+{{- $seen := dict }}
+{{- range (include "sdserve.deployedStages" . | fromYaml).stages }}
+{{- if not (hasKey $seen .workerGroup) }}
+{{- $_ := set $seen .workerGroup true }}
+{{- $own := get ($.Values.workerGroups | default dict) .workerGroup | default dict }}
+{{- $settings := mustMergeOverwrite (deepCopy $.Values.workerGroupDefaults) (deepCopy $own) }}
+{{- $groups = append $groups (dict "name" .workerGroup "settings" $settings) }}
+{{- end }}
+{{- end }}
+{{- toYaml (dict "groups" $groups) }}
+{{- end }}
+
+{{/*
+The extra worker groups of `additionalWorkerGroups` that are not `disabled`, by name, as YAML
+`groups: [{name, settings}]`, each laid over `workerGroupDefaults`. They advertise no sdserve stage resource.
+*/}}
+{{- define "sdserve.additionalGroups" -}}
+{{- $stageGroups := list }}
+{{- range (.Files.Get "files/stages.yaml" | fromYaml).stages }}
+{{- $stageGroups = append $stageGroups .workerGroup }}
+{{- end }}
+{{- $groups := list }}
+{{- range $name, $group := .Values.additionalWorkerGroups | default dict }}
+{{- if has $name $stageGroups }}
+{{- fail (printf "additionalWorkerGroups.%s: a stage's worker group has that name; configure it in workerGroups.%s" $name $name) }}
+{{- end }}
+{{- if not (get $group "disabled") }}
+{{- $settings := mustMergeOverwrite (deepCopy $.Values.workerGroupDefaults) (omit (deepCopy $group) "disabled") }}
+{{- $groups = append $groups (dict "name" $name "settings" $settings "resource" "") }}
+{{- end }}
+{{- end }}
+{{- toYaml (dict "groups" $groups) }}
+{{- end }}
+
+{{/*
 The sdserve AppConfig the chart deploys: the user's `config`, plus each stage pinned to its worker group
 (and the ingress to the head) through custom Ray resources, and the HTTP proxy on 0.0.0.0:8000.
 */}}
@@ -57,10 +127,15 @@ The sdserve AppConfig the chart deploys: the user's `config`, plus each stage pi
   "ingress" (dict "resources" (dict "resources" (dict "sdserve_head" 1)))
   "outputs" (dict "directory" "/tmp/sdserve/outputs")
 }}
-{{- /* A stage whose group is disabled is not pinned: it runs wherever its resources fit. */}}
-{{- range $stage, $group := dict "text_encoder" "encoder" "denoiser" "denoiser" "decoder" "decoder" }}
-{{- if (index $.Values.workerGroups $group).enabled }}
-{{- $_ := set $pins $stage (dict "resources" (dict "resources" (dict (include "sdserve.groupResource" $group) 1))) }}
+{{- /* A deployed stage whose group is disabled is not pinned: it runs wherever its resources fit. */}}
+{{- $groups := dict }}
+{{- range (include "sdserve.stageGroups" . | fromYaml).groups }}
+{{- $_ := set $groups .name .settings }}
+{{- end }}
+{{- range (include "sdserve.deployedStages" . | fromYaml).stages }}
+{{- if (get $groups .workerGroup).enabled }}
+{{- $resource := include "sdserve.groupResource" .workerGroup }}
+{{- $_ := set $pins .name (dict "resources" (dict "resources" (dict $resource 1))) }}
 {{- end }}
 {{- end }}
 {{- $config := mustMergeOverwrite (deepCopy .Values.config) $pins }}
@@ -78,18 +153,24 @@ is stale), so every setting the user leaves out appears with the application's d
 {{- $serve := .Files.Get "files/serve-config-defaults.yaml" | fromYaml }}
 {{- $base := index $serve.applications 0 }}
 {{- $config := mustMergeOverwrite (deepCopy $base.args) (include "sdserve.appConfig" . | fromYaml) }}
-{{- /* The model catalog is every deployment's user_config, not an arg: Serve applies a changed user_config
-     in place (reconfigure, a rollout without restarts) but restarts every replica when args change. */}}
-{{- $models := list }}
-{{- range $config.models }}
-{{- /* ModelSpec's one optional field, with its default, as the renderer writes it. */}}
-{{- $models = append $models (mustMergeOverwrite (dict "description" "") .) }}
+{{- /* The catalog (every section the stage table names: models, upscalers, ...) is every deployment's
+     user_config, not an arg: Serve applies a changed user_config in place (reconfigure, a rollout without
+     restarts) but restarts every replica when args change. A section the config leaves out is []. */}}
+{{- $table := .Files.Get "files/stages.yaml" | fromYaml }}
+{{- $catalog := dict }}
+{{- range $section := $table.catalogs }}
+{{- $entries := list }}
+{{- range (get $config $section | default list) }}
+{{- /* ModelSpec / ArtifactSpec's one optional field, with its default, as the renderer writes it. */}}
+{{- $entries = append $entries (mustMergeOverwrite (dict "description" "") .) }}
 {{- end }}
-{{- $catalog := dict "models" $models }}
-{{- $_ := unset $config "models" }}
-{{- $deployments := list }}
-{{- range $base.deployments }}
-{{- $deployments = append $deployments (dict "name" .name "user_config" $catalog) }}
+{{- $_ := set $catalog $section $entries }}
+{{- $_ := unset $config $section }}
+{{- end }}
+{{- /* The ingress (the renderer lists it first), then each deployed stage's deployment in table order. */}}
+{{- $deployments := list (dict "name" (first $base.deployments).name "user_config" $catalog) }}
+{{- range (include "sdserve.deployedStages" . | fromYaml).stages }}
+{{- $deployments = append $deployments (dict "name" .deployment "user_config" $catalog) }}
 {{- end }}
 {{- $app := dict
   "name" $config.app_name
