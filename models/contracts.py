@@ -88,6 +88,15 @@ class Pixels:
 
 
 @dataclass(frozen=True)
+class UpscaleParams:
+    """What the upscaling stage does to a request's images."""
+
+    upscaler: str  # name in the catalog's `upscalers`
+    factor: float  # output size / input size; the model's native factor, or any other (resized after)
+    ref: str = ""  # pinned reference; empty: the replica's active version of `upscaler`
+
+
+@dataclass(frozen=True)
 class DecodeParams:
     """How the last stage of a plan encodes the image files."""
 

@@ -59,12 +59,16 @@ class ModelCatalog(_Strict):
     """The served models: the part of the config a running application can change in place (`user_config`)."""
 
     models: list[ModelSpec] = Field(default_factory=list, description="Model catalog; the first is the default.")
+    upscalers: list[ArtifactSpec] = Field(
+        default_factory=list, description="Upscalers requests may name (`upscale.model`); the first is the default."
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> ModelCatalog:
-        names = [m.name for m in self.models]
-        if len(names) != len(set(names)):
-            raise ValueError("model names must be unique")
+        for section in type(self).model_fields:
+            names = [m.name for m in getattr(self, section)]
+            if len(names) != len(set(names)):
+                raise ValueError(f"names in {section} must be unique")
         return self
 
 
@@ -182,6 +186,25 @@ class DecoderSpec(StageSpec):
     )
 
 
+class UpscalerSpec(StageSpec):
+    """Upscaling stage (Real-ESRGAN models from the catalog's `upscalers`; deployed only when there is one)."""
+
+    tile_size: int = Field(
+        default=192, ge=32, description="Input tile side in pixels; larger images are upscaled in overlapping tiles."
+    )
+    tile_overlap: int = Field(default=16, ge=0, description="Pixels adjacent tiles overlap (blended seams).")
+    max_batch_size: int = Field(default=4, ge=1, description="Most equal-size tiles upscaled in one forward pass.")
+    resources: ResourceSpec = Field(
+        default_factory=lambda: ResourceSpec(num_cpus=0.25), description="Per-replica Ray resources."
+    )
+
+    @model_validator(mode="after")
+    def _overlap(self) -> UpscalerSpec:
+        if self.tile_overlap * 2 >= self.tile_size:
+            raise ValueError("upscaler.tile_overlap must be less than half of upscaler.tile_size")
+        return self
+
+
 class IngressSpec(DeploymentSpec):
     """The HTTP ingress (FastAPI)."""
 
@@ -207,6 +230,12 @@ class LimitsSpec(_Strict):
         default=2, ge=0, le=10, description="Times a request is re-run when a stage replica dies under it."
     )
     retry_after_s: int = Field(default=2, ge=1, description="Retry-After seconds sent with 503 when queues are full.")
+    max_output_pixels: int = Field(
+        default=4096 * 4096,
+        ge=64 * 64,
+        description="Most pixels (width x height) of one returned image, after upscaling.",
+    )
+    max_upscale_factor: float = Field(default=4.0, gt=1, le=8, description="Largest `upscale.factor`.")
     max_body_bytes: int = Field(
         default=8 * 1024 * 1024,
         ge=1024,
@@ -328,6 +357,12 @@ class AppConfig(_Strict):
     text_encoder: TextEncoderSpec = Field(default_factory=TextEncoderSpec, description="Text-encoding stage.")
     denoiser: DenoiserSpec = Field(default_factory=DenoiserSpec, description="Denoising stage.")
     decoder: DecoderSpec = Field(default_factory=DecoderSpec, description="Decoding stage.")
+    upscalers: list[ArtifactSpec] = Field(
+        default_factory=list,
+        description="Upscalers (Real-ESRGAN safetensors) requests may name; the first is the default. With none, "
+        "no upscaler stage is deployed.",
+    )
+    upscaler: UpscalerSpec = Field(default_factory=UpscalerSpec, description="Upscaling stage.")
     limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Request limits.")
     defaults: DefaultsSpec = Field(default_factory=DefaultsSpec, description="Request defaults.")
     outputs: OutputSpec = Field(default_factory=OutputSpec, description="Storage for url responses.")
@@ -336,7 +371,7 @@ class AppConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> AppConfig:
-        ModelCatalog(models=self.models)  # unique names
+        self.catalog()  # unique names
         if self.defaults.scheduler not in SCHEDULERS:
             raise ValueError(f"defaults.scheduler must be one of {sorted(SCHEDULERS)}")
         if self.limits.min_size > self.limits.max_size:

@@ -12,7 +12,7 @@ import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from models.contracts import OutputFormat
+from models.contracts import OutputFormat, UpscaleParams
 from serving.config import AppConfig
 from serving.errors import ApiError, invalid
 from serving.schemas import ImageGenerationRequest
@@ -44,6 +44,7 @@ class GenerationRequest:
     quality: int | None = None
     user: str | None = None
     ref: str = ""  # the pinned model reference this request runs on (every stage uses the same version)
+    upscale: UpscaleParams | None = None
 
 
 class RequestResolver:

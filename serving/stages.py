@@ -88,6 +88,18 @@ STAGES: dict[str, Stage] = {
             components=("vae",),
             description="VAE decoding, batched across requests.",
         ),
+        Stage(
+            name="upscaler",
+            deployment="Upscaler",
+            deployment_class="serving.deployments.upscaler:UpscalerDeployment",
+            compute="models.upscaler:UpscalerStage",
+            catalog="upscalers",
+            worker_group="upscaler",
+            artifact="upscaler",
+            optional=True,
+            plan_step="serving.deployments.upscaler:upscale_call",
+            description="Upscaling: Real-ESRGAN (RRDBNet, SRVGGNetCompact) in tiles.",
+        ),
     )
 }
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 from serving.app import deployment_options, render_serve_config
 from serving.cli import main
 from serving.config import AppConfig, AutoscalingSpec, DeploymentSpec
+from serving.stages import CATALOG_SECTIONS
 
 
 def all_models(model: type[BaseModel], seen: set[type[BaseModel]] | None = None) -> set[type[BaseModel]]:
@@ -80,7 +81,8 @@ def test_render_serve_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "models" not in app["args"]
     catalogs = {d["name"]: d["user_config"] for d in app["deployments"]}
     assert set(catalogs) == {"Ingress", "TextEncoder", "Denoiser", "Decoder"}
-    assert all(c == {"models": [{"name": "m", "source": "/models/m", "description": ""}]} for c in catalogs.values())
+    assert all(set(c) == set(CATALOG_SECTIONS) for c in catalogs.values())  # each section, empty or not
+    assert all(c["models"] == [{"name": "m", "source": "/models/m", "description": ""}] for c in catalogs.values())
     assert AppConfig.model_validate({**app["args"], **catalogs["Denoiser"]}) == AppConfig.from_yaml(source)
     assert rendered == render_serve_config(AppConfig.from_yaml(source))
 

@@ -1,0 +1,53 @@
+"""Upscaler deployment: Real-ESRGAN models (registry artifacts of kind ``upscaler``), tiled, on their own replicas.
+
+Deployed only when the catalog names an upscaler (``upscalers``). A request asks for it with ``upscale``
+(``upscale_call`` adds the call to its plan); it gets the pixels of the stage before it and hands on pixels,
+or the encoded files when it ends the plan.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ray import serve
+
+from models.contracts import DecodeParams, EncodedImages, Pixels, UpscaleParams
+from models.images import finish
+from serving.config import AppConfig
+from serving.deployments.common import StageReplica
+from serving.plans import StageCall
+
+if TYPE_CHECKING:
+    from serving.resolver import GenerationRequest
+
+
+def upscale_call(req: GenerationRequest) -> StageCall | None:
+    """The plan step a request adds when it asks for an upscale."""
+    if req.upscale is None:
+        return None
+    return StageCall("upscaler", "upscale", (req.upscale,), encodes=True)
+
+
+@serve.deployment(name="Upscaler")
+class UpscalerDeployment(StageReplica):
+    kind = "upscaler"
+
+    @staticmethod
+    def stage_options(config: AppConfig) -> dict[str, Any]:
+        spec = config.upscaler
+        return {"tile_size": spec.tile_size, "tile_overlap": spec.tile_overlap, "max_tile_batch": spec.max_batch_size}
+
+    def _upscale(self, stage: Any, pixels: Pixels, factor: float) -> Pixels:
+        self.metrics.observe_batch(len(pixels.array))
+        return Pixels(stage.upscale(pixels.array, factor), pixels.model_version, pixels.flagged, pixels.withheld)
+
+    async def upscale(
+        self, pixels: Pixels, params: UpscaleParams, output: DecodeParams | None = None
+    ) -> Pixels | EncodedImages:
+        """Upscale a request's images by ``params.factor``; encode them when this call ends the plan."""
+        ref = await self.resolve(params.upscaler, params.ref)
+        stage = self.runtime.get(params.upscaler, ref)
+        with self.metrics.request():
+            upscaled: Pixels = await self.run_compute(self._upscale, stage, pixels, params.factor)
+            result: Pixels | EncodedImages = await self.run_compute(finish, upscaled, output)
+            return result
