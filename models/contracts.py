@@ -97,6 +97,15 @@ class UpscaleParams:
 
 
 @dataclass(frozen=True)
+class SafetyParams:
+    """How the safety stage treats a request's images."""
+
+    checker: str  # name in the catalog's `safety_checkers`
+    mode: Literal["flag", "block"]  # flag: mark flagged images; block: also withhold them
+    ref: str = ""
+
+
+@dataclass(frozen=True)
 class DecodeParams:
     """How the last stage of a plan encodes the image files."""
 

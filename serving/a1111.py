@@ -20,12 +20,13 @@ from typing import Any
 from fastapi import APIRouter, Body
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from models.contracts import DenoiseProgress
+from models.contracts import DenoiseProgress, Pixels
+from models.images import decode_image
 from models.schedulers import SCHEDULERS
 from serving.errors import ApiError, invalid, validation_error
 from serving.resolver import GenerationRequest
-from serving.schemas import ImageGenerationRequest
-from serving.service import GenerationService
+from serving.schemas import ImageGenerationRequest, UpscaleRequest
+from serving.service import GenerationResult, GenerationService
 
 MAX_A1111_SEED = 2**32 - 1
 
@@ -54,6 +55,21 @@ class Txt2ImgRequest(BaseModel):
     override_settings: dict[str, Any] = Field(
         default_factory=dict, description="Only sd_model_checkpoint is honoured (a model from sd-models)."
     )
+
+
+class ExtraSingleImageRequest(BaseModel):
+    """``POST /sdapi/v1/extra-single-image``: upscale one image (A1111's "Extras" tab)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    image: str = Field(description="The image, base64 (a data: URL prefix is accepted).")
+    upscaler_1: str | None = Field(default=None, description="Upscaler name (GET /sdapi/v1/upscalers).")
+    upscaling_resize: float = Field(default=2.0, description="Scale factor (resize_mode 0).")
+    resize_mode: int = Field(default=0, description="0: scale by upscaling_resize (the only mode served).")
+
+
+# Extras that other A1111 post-processors would run; refused when they would change the image.
+EXTRAS_UNSUPPORTED_WHEN_SET = ("gfpgan_visibility", "codeformer_visibility", "extras_upscaler_2_visibility")
 
 
 class Txt2ImgResponse(BaseModel):
@@ -159,7 +175,9 @@ class A1111Api:
         task = _Task(job_count=body.n_iter, steps=req.steps)
         self.tasks.append(task)
         images: list[bytes] = []
+        flags: list[bool | None] = []
         seeds: list[int] = []
+        withheld = 0
         version = ""
         try:
             for iteration in range(body.n_iter):
@@ -174,16 +192,29 @@ class A1111Api:
                 for r, result in zip(batch, results, strict=True):
                     if isinstance(result, asyncio.CancelledError) and task.interrupted:
                         continue  # interrupted: the images that finished are returned
+                    if isinstance(result, ApiError) and result.code == "content_policy_violation":
+                        withheld += 1  # this image was blocked; the others of the call are still returned
+                        continue
                     if isinstance(result, BaseException):
                         raise result
-                    images.extend(result.images)
+                    images.extend(img for img, _ in result.delivered)
+                    flags.extend(flag for _, flag in result.delivered)
                     seeds.append(r.seed)
                     version = result.model_version
                 if task.interrupted:
                     break
         finally:
             self.tasks.remove(task)
+        if withheld and not images:
+            raise ApiError(
+                400,
+                "content_policy_violation",
+                f"the safety checker flagged every image ({withheld}); none is returned",
+            )
         info = _info(body, req, seeds, version, task)
+        if req.safety is not None:
+            info["nsfw"] = flags  # per returned image
+            info["withheld"] = withheld
         return Txt2ImgResponse(
             images=[base64.b64encode(img).decode("ascii") for img in images],
             parameters=body.model_dump(mode="json"),
@@ -197,6 +228,34 @@ class A1111Api:
                 task.preview = update.preview
 
         return await self.service.generate(req, progress, preview=True)
+
+    async def extra_single_image(self, body: ExtraSingleImageRequest) -> dict[str, Any]:
+        """Upscale one image the client sends (and check it, when the safety check is on)."""
+        extra = body.model_extra or {}
+        for name in EXTRAS_UNSUPPORTED_WHEN_SET:
+            if extra.get(name):
+                raise invalid(f"{name} is not supported by this server", name)
+        if body.resize_mode != 0:
+            raise invalid("only resize_mode 0 (scale by upscaling_resize) is supported", "resize_mode")
+        try:
+            data = base64.b64decode(body.image.partition(",")[2] if body.image.startswith("data:") else body.image)
+            pixels = decode_image(data)
+        except Exception as exc:
+            raise invalid(f"image is not a base64 PNG, JPEG or WebP image ({type(exc).__name__})", "image") from exc
+        upscale = UpscaleRequest(model=body.upscaler_1, factor=body.upscaling_resize)
+        try:
+            req = self.service.resolver.resolve_postprocess(pixels.shape[1], pixels.shape[0], upscale, "png")
+        except ApiError as err:
+            names = {"upscale.model": "upscaler_1", "upscale.factor": "upscaling_resize", "upscale": "upscaler_1"}
+            raise ApiError(err.status, err.code, err.message, names.get(err.param or "", err.param)) from err
+        result = await self.service.postprocess(req, Pixels(pixels[None], model_version=""))
+        return {"html_info": _extras_info(result), "image": base64.b64encode(result.delivered[0][0]).decode("ascii")}
+
+    def upscalers(self) -> list[dict[str, Any]]:
+        return [
+            {"name": u.name, "model_name": u.name, "model_path": u.source, "model_url": None, "scale": None}
+            for u in self.service.models.artifacts.get("upscalers", {}).values()
+        ]
 
     def progress(self, skip_current_image: bool) -> dict[str, Any]:
         task = self.tasks[0] if self.tasks else None
@@ -263,6 +322,14 @@ def _a1111_names(err: ApiError) -> ApiError:
     return ApiError(err.status, err.code, message, param, err.headers)
 
 
+def _extras_info(result: GenerationResult) -> str:
+    up = result.request.upscale
+    text = f"Postprocess upscale by: {up.factor:g}, Postprocess upscaler: {up.upscaler}" if up else ""
+    if result.flagged:
+        text += f", NSFW: {result.flagged[0]}"
+    return text
+
+
 def _info(body: Txt2ImgRequest, req: GenerationRequest, seeds: list[int], version: str, task: _Task) -> dict[str, Any]:
     label = SCHEDULERS[req.scheduler].label
     infotexts = [
@@ -309,6 +376,14 @@ def create_router(api: A1111Api) -> APIRouter:
     @router.post("/txt2img", response_model=Txt2ImgResponse)
     async def txt2img(body: Txt2ImgRequest = Body(...)) -> Txt2ImgResponse:  # noqa: B008
         return await api.txt2img(body)
+
+    @router.post("/extra-single-image")
+    async def extra_single_image(body: ExtraSingleImageRequest = Body(...)) -> dict[str, Any]:  # noqa: B008
+        return await api.extra_single_image(body)
+
+    @router.get("/upscalers")
+    async def upscalers() -> list[dict[str, Any]]:
+        return api.upscalers()
 
     @router.get("/progress")
     async def progress(skip_current_image: bool = False) -> dict[str, Any]:

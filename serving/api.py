@@ -32,6 +32,8 @@ from serving.schemas import (
     JobResponse,
     ModelCard,
     ModelList,
+    SafetySettings,
+    UpscaleSettings,
 )
 from serving.service import GenerationService
 
@@ -75,7 +77,10 @@ def job_response(job: JobRecord, base_url: str) -> JobResponse:
     if job.result is not None:
         r = job.result
         result = JobImages(
-            data=[JobImage(url=f"{base_url}{image_path(job.id, i)}") for i in range(r.images)],
+            data=[
+                JobImage(url=f"{base_url}{image_path(job.id, i)}", flagged=r.flagged[i] if r.flagged else None)
+                for i in range(r.images)
+            ],
             model=r.model,
             model_version=r.model_version,
             seed=r.seed,
@@ -85,6 +90,8 @@ def job_response(job: JobRecord, base_url: str) -> JobResponse:
             scheduler=r.scheduler,
             output_format=r.output_format,
             timings_ms=r.timings_ms,
+            upscale=UpscaleSettings(**r.upscale) if r.upscale else None,
+            safety=SafetySettings(**r.safety) if r.safety else None,
         )
     return JobResponse(
         id=job.id,
@@ -135,24 +142,18 @@ def create_api(
         result = await service.generate(req)
         if body.response_format == "url":
             base = base_url(request)
-            data = [ImageData(url=outputs.url(outputs.put(img, result.media_type), base)) for img in result.images]
+            data = [
+                ImageData(url=outputs.url(outputs.put(img, result.media_type), base), flagged=flag)
+                for img, flag in result.delivered
+            ]
         else:
-            data = [ImageData(b64_json=base64.b64encode(img).decode("ascii")) for img in result.images]
-        response = ImageGenerationResponse(
-            created=int(time.time()),
-            data=data,
-            model=req.model,
-            model_version=result.model_version,
-            seed=req.seed,
-            size=f"{result.width}x{result.height}",
-            steps=req.steps,
-            guidance_scale=req.guidance_scale,
-            scheduler=req.scheduler,
-            output_format=req.output_format,
-            timings_ms=result.timings_ms,
-        )
+            data = [
+                ImageData(b64_json=base64.b64encode(img).decode("ascii"), flagged=flag)
+                for img, flag in result.delivered
+            ]
+        response = ImageGenerationResponse(created=int(time.time()), data=data, **result.settings())
         if metrics is not None:
-            metrics.observe_images(req.model, len(result.images))
+            metrics.observe_images(req.model, len(data))
         headers = {"x-sdserve-model-version": result.model_version, "x-sdserve-seed": str(req.seed)}
         return JSONResponse(response.model_dump(mode="json", exclude_none=True), headers=headers)
 
@@ -236,6 +237,15 @@ def create_api(
                 for name, spec in service.models.specs.items()
             ]
         )
+
+    @app.get("/v1/upscalers")
+    async def list_upscalers() -> dict[str, Any]:
+        """Upscalers requests may name in `upscale.model` (the first is the default)."""
+        upscalers = service.models.artifacts.get("upscalers", {})
+        return {
+            "object": "list",
+            "data": [{"id": u.name, "description": u.description, "ref": u.source} for u in upscalers.values()],
+        }
 
     @app.get("/v1/schedulers")
     async def list_schedulers() -> dict[str, Any]:

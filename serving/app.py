@@ -59,6 +59,8 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     catalog_given = isinstance(args, AppConfig) or "models" in args
     if catalog_given and not config.models:
         raise ValueError("the config has no models; add at least one to `models`")
+    if catalog_given and config.safety.mode != "off" and not config.safety_checkers:
+        raise ValueError(f"safety.mode is {config.safety.mode} but safety_checkers is empty; add a checker")
     data = config.to_args()
     for section in config.catalog():
         data.pop(section)

@@ -138,7 +138,9 @@ def cmd_models_push(args: argparse.Namespace) -> int:
     from models.registry import parse_ref
     from models.registry.sources import publish
 
-    pinned, version = publish(Path(args.directory), parse_ref(args.ref), allow_pickle=args.unsafe_allow_pickle_weights)
+    pinned, version = publish(
+        Path(args.directory), parse_ref(args.ref), allow_pickle=args.unsafe_allow_pickle_weights, kind=args.kind
+    )
     print(json.dumps({"ref": args.ref, "pinned": str(pinned), "version": version}))
     return 0
 
@@ -179,6 +181,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from models.registry.manifest import KNOWN_KINDS
     from models.testmodels import TEST_MODEL_SIZES
     from serving.stages import pipeline_stages
 
@@ -240,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("directory")
     push.add_argument("ref", help="s3://bucket/prefix@<version>, hf://org/name[@branch] or file:///path")
     push.add_argument("--unsafe-allow-pickle-weights", action="store_true", help="UNSAFE: publish pickle weights")
+    push.add_argument(
+        "--kind", choices=sorted(KNOWN_KINDS), help="artifact kind (default: detected from the folder's files)"
+    )
     push.set_defaults(func=cmd_models_push)
     pull = registry_command("pull", "download REF into the snapshot cache, verified", cmd_models_pull)
     pull.add_argument("ref")

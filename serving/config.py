@@ -62,6 +62,9 @@ class ModelCatalog(_Strict):
     upscalers: list[ArtifactSpec] = Field(
         default_factory=list, description="Upscalers requests may name (`upscale.model`); the first is the default."
     )
+    safety_checkers: list[ArtifactSpec] = Field(
+        default_factory=list, description="Safety checkers; the first checks images when the safety check is on."
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> ModelCatalog:
@@ -203,6 +206,29 @@ class UpscalerSpec(StageSpec):
         if self.tile_overlap * 2 >= self.tile_size:
             raise ValueError("upscaler.tile_overlap must be less than half of upscaler.tile_size")
         return self
+
+
+SafetyMode = Literal["off", "flag", "block"]
+SAFETY_STRICTNESS: dict[str, int] = {"off": 0, "flag": 1, "block": 2}
+
+
+class SafetySpec(StageSpec):
+    """Safety check (diffusers' StableDiffusionSafetyChecker from the catalog's `safety_checkers`)."""
+
+    mode: SafetyMode = Field(
+        default="off",
+        description="off: no check; flag: every image says whether the checker flagged it; block: flagged images "
+        "are withheld (a request whose every image is withheld gets 400 content_policy_violation). Off by default "
+        "because the checker's weights are the operator's to choose and pin; a public service should use block.",
+    )
+    allow_request_off: bool = Field(
+        default=False,
+        description="Let a request ask for a less strict mode than `mode` (its `safety` field); a stricter one is "
+        "always allowed.",
+    )
+    resources: ResourceSpec = Field(
+        default_factory=lambda: ResourceSpec(num_cpus=0.25), description="Per-replica Ray resources."
+    )
 
 
 class IngressSpec(DeploymentSpec):
@@ -363,6 +389,12 @@ class AppConfig(_Strict):
         "no upscaler stage is deployed.",
     )
     upscaler: UpscalerSpec = Field(default_factory=UpscalerSpec, description="Upscaling stage.")
+    safety_checkers: list[ArtifactSpec] = Field(
+        default_factory=list,
+        description="Safety checkers; the first one checks images when the safety check is on. With none, no "
+        "safety stage is deployed.",
+    )
+    safety: SafetySpec = Field(default_factory=SafetySpec, description="Safety check.")
     limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Request limits.")
     defaults: DefaultsSpec = Field(default_factory=DefaultsSpec, description="Request defaults.")
     outputs: OutputSpec = Field(default_factory=OutputSpec, description="Storage for url responses.")

@@ -81,6 +81,10 @@ def to_request(msg: pb.GenerateRequest) -> JobRequest:
         fields["size"] = f"{msg.width}x{msg.height}"
     if msg.user:
         fields["user"] = msg.user
+    if msg.HasField("upscale"):
+        fields["upscale"] = {n: getattr(msg.upscale, n) for n in ("model", "factor") if msg.upscale.HasField(n)}
+    if msg.HasField("safety"):
+        fields["safety"] = msg.safety
     try:
         return JobRequest.model_validate(fields)
     except ValidationError as exc:
@@ -98,18 +102,8 @@ class GrpcApi:
         body = to_request(msg)
         req = self.service.prepare(body)
         result = await self.service.generate(req)
-        return pb.GenerateResponse(
-            images=[pb.Image(data=img, media_type=result.media_type) for img in result.images],
-            model=req.model,
-            model_version=result.model_version,
-            seed=req.seed,
-            width=result.width,
-            height=result.height,
-            steps=req.steps,
-            guidance_scale=req.guidance_scale,
-            scheduler=req.scheduler,
-            timings_ms=result.timings_ms,
-        )
+        images = [(img, result.media_type, flag) for img, flag in result.delivered]
+        return _response(images, result.settings())
 
     async def generate_stream(self, msg: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]:
         """Run the request as a job and stream its events. A caller that goes away cancels the job."""
@@ -190,18 +184,29 @@ class GrpcApi:
         if r is None:
             raise ApiError(500, "internal_error", "the job has no result")
         images = await self.jobs.images(job)
-        return pb.GenerateResponse(
-            images=[pb.Image(data=img, media_type=r.media_type) for img in images],
-            model=r.model,
-            model_version=r.model_version,
-            seed=r.seed,
-            width=r.width,
-            height=r.height,
-            steps=r.steps,
-            guidance_scale=r.guidance_scale,
-            scheduler=r.scheduler,
-            timings_ms=r.timings_ms,
-        )
+        flags: list[bool | None] = r.flagged or [None] * len(images)
+        settings = {**r.model_dump(), "size": f"{r.width}x{r.height}"}
+        return _response([(img, r.media_type, flag) for img, flag in zip(images, flags, strict=True)], settings)
+
+
+def _response(images: list[tuple[bytes, str, bool | None]], settings: dict[str, Any]) -> pb.GenerateResponse:
+    """A GenerateResponse from the images and the settings block every API reports (``GenerationSettings``)."""
+    width, height = (int(v) for v in settings["size"].split("x"))
+    upscale, safety = settings.get("upscale"), settings.get("safety")
+    return pb.GenerateResponse(
+        images=[pb.Image(data=img, media_type=media, flagged=flag) for img, media, flag in images],
+        model=settings["model"],
+        model_version=settings["model_version"],
+        seed=settings["seed"],
+        width=width,
+        height=height,
+        steps=settings["steps"],
+        guidance_scale=settings["guidance_scale"],
+        scheduler=settings["scheduler"],
+        timings_ms=settings["timings_ms"],
+        withheld=safety["withheld"] if safety else 0,
+        upscale=pb.Upscale(model=upscale["model"], factor=upscale["factor"]) if upscale else None,
+    )
 
 
 def _progress(event: dict[str, Any]) -> pb.Progress:

@@ -156,7 +156,7 @@ class JobManager:
             logger.exception("job %s failed", job.id)
             await self._finish(job, JobState.FAILED, JobError(code="internal_error", message=type(exc).__name__))
         else:
-            await self.store.put_images(job, result.images)
+            await self.store.put_images(job, [img for img, _ in result.delivered])
             job.result = _result(result)
             await self._finish(job, JobState.SUCCEEDED)
         finally:
@@ -321,8 +321,9 @@ def image_path(job_id: str, index: int) -> str:
 
 def _result(result: GenerationResult) -> JobResult:
     req = result.request
+    settings = result.settings()
     return JobResult(
-        images=len(result.images),
+        images=len(result.delivered),
         media_type=result.media_type,
         model=req.model,
         model_version=result.model_version,
@@ -334,4 +335,7 @@ def _result(result: GenerationResult) -> JobResult:
         scheduler=req.scheduler,
         output_format=req.output_format,
         timings_ms=result.timings_ms,
+        flagged=[flag for _, flag in result.delivered],
+        upscale=settings["upscale"],
+        safety=settings["safety"],
     )

@@ -61,6 +61,9 @@ class JobResult(BaseModel):
     scheduler: str
     output_format: str
     timings_ms: dict[str, float] = Field(default_factory=dict)
+    flagged: list[bool | None] = Field(default_factory=list, description="Safety verdict per stored image.")
+    upscale: dict[str, Any] | None = None
+    safety: dict[str, Any] | None = None
 
 
 class JobRecord(BaseModel):

@@ -7,7 +7,7 @@ import os
 import socket
 from pathlib import Path
 
-from serving.config import AppConfig, ModelSpec
+from serving.config import AppConfig, ArtifactSpec, ModelSpec
 from serving.env import SDSERVE_HOME
 
 logger = logging.getLogger(__name__)
@@ -39,23 +39,42 @@ def free_port() -> int:
 
 
 def ensure_default_model(config: AppConfig) -> AppConfig:
-    """With no model configured, create (once) and use the tiny test model, and say so."""
-    if config.models:
-        return config
+    """Fill what a newcomer did not configure with small random-weight test artifacts (created once), and say so:
+    the tiny test model when there is no model, a tiny test upscaler when there is no upscaler, and a tiny test
+    safety checker when ``safety.mode`` is on without one (so that one setting turns the check on)."""
+    from models.safety import create_test_safety_checker
     from models.testmodels import TEST_MODEL_SIZES, create_test_model
+    from models.upscaler import create_test_upscaler
 
-    path = SDSERVE_HOME / "test-models" / "tiny-seed0"
-    if not (path / "model_index.json").exists():
-        create_test_model(path, size="tiny", seed=0)
-    resolution = TEST_MODEL_SIZES["tiny"].default_resolution
-    logger.warning(
-        "no model configured: serving the randomly initialised tiny test model from %s "
-        "(its images are noise-like; configure `models` to serve real weights)",
-        path,
-    )
     data = config.model_dump()
-    data["models"] = [ModelSpec(name="sdserve-tiny", source=str(path), description="tiny random test model")]
-    data["defaults"]["size"] = f"{resolution}x{resolution}"
+    root = SDSERVE_HOME / "test-models"
+    if not config.models:
+        path = root / "tiny-seed0"
+        if not (path / "model_index.json").exists():
+            create_test_model(path, size="tiny", seed=0)
+        resolution = TEST_MODEL_SIZES["tiny"].default_resolution
+        logger.warning(
+            "no model configured: serving the randomly initialised tiny test model from %s "
+            "(its images are noise-like; configure `models` to serve real weights)",
+            path,
+        )
+        data["models"] = [ModelSpec(name="sdserve-tiny", source=str(path), description="tiny random test model")]
+        data["defaults"]["size"] = f"{resolution}x{resolution}"
+    if not config.upscalers:
+        path = root / "upscaler-x4plus-tiny"
+        if not any(path.glob("*.safetensors")):
+            create_test_upscaler(path, layout="RealESRGAN_x4plus", seed=0, size="tiny")
+        logger.warning("no upscaler configured: serving a random-weight tiny RealESRGAN_x4plus layout as `test-x4`")
+        data["upscalers"] = [
+            ArtifactSpec(name="test-x4", source=str(path), description="tiny random RealESRGAN_x4plus layout")
+        ]
+    if config.safety.mode != "off" and not config.safety_checkers:
+        path = root / "safety-checker-tiny"
+        if not (path / "config.json").exists():
+            create_test_safety_checker(path, seed=0)
+        logger.warning("safety.mode is %s without a checker: using a random-weight tiny checker that flags nothing",
+                       config.safety.mode)  # fmt: skip
+        data["safety_checkers"] = [ArtifactSpec(name="test-checker", source=str(path), description="tiny test")]
     return AppConfig.model_validate(data)
 
 

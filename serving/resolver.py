@@ -12,10 +12,10 @@ import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from models.contracts import OutputFormat, UpscaleParams
-from serving.config import AppConfig
+from models.contracts import OutputFormat, SafetyParams, UpscaleParams
+from serving.config import SAFETY_STRICTNESS, AppConfig
 from serving.errors import ApiError, invalid
-from serving.schemas import ImageGenerationRequest
+from serving.schemas import ImageGenerationRequest, SafetyMode, UpscaleRequest
 
 if TYPE_CHECKING:
     from serving.rollout import ModelCatalogState
@@ -45,6 +45,7 @@ class GenerationRequest:
     user: str | None = None
     ref: str = ""  # the pinned model reference this request runs on (every stage uses the same version)
     upscale: UpscaleParams | None = None
+    safety: SafetyParams | None = None  # None: no safety check
 
 
 class RequestResolver:
@@ -86,6 +87,8 @@ class RequestResolver:
         if guidance > limits.max_guidance_scale:
             raise invalid(f"guidance_scale must be at most {limits.max_guidance_scale:g}", "guidance_scale")
         return GenerationRequest(
+            upscale=self.upscale(req.upscale, width, height),
+            safety=self.safety(req.safety),
             model=model,
             prompt=req.prompt,
             negative_prompt=req.negative_prompt,
@@ -101,3 +104,63 @@ class RequestResolver:
             user=req.user,
             ref=ref,
         )
+
+    def resolve_postprocess(
+        self, width: int, height: int, upscale: UpscaleRequest | None, output_format: OutputFormat
+    ) -> GenerationRequest:
+        """A request that only post-processes an image the client sent (no model, no denoising)."""
+        return GenerationRequest(
+            model="",
+            prompt="",
+            negative_prompt=None,
+            width=width,
+            height=height,
+            num_images=1,
+            steps=0,
+            guidance_scale=0.0,
+            scheduler="",
+            seed=0,
+            output_format=output_format,
+            upscale=self.upscale(upscale, width, height),
+            safety=self.safety(None),
+        )
+
+    def upscale(self, req: UpscaleRequest | None, width: int, height: int) -> UpscaleParams | None:
+        """The upscale a request asks for, checked against the catalog and the limits (None: no upscale)."""
+        if req is None:
+            return None
+        limits = self.config.limits
+        upscalers = self.models.artifacts.get("upscalers", {})
+        if not upscalers:
+            raise invalid("this service has no upscaler configured; leave out `upscale`", "upscale")
+        name = req.model or next(iter(upscalers))
+        if name not in upscalers:
+            raise ApiError(
+                404, "upscaler_not_found", f"upscaler {name!r} is not served; see GET /v1/upscalers", "upscale.model"
+            )
+        if not 1.0 < req.factor <= limits.max_upscale_factor:
+            raise invalid(f"upscale.factor must be above 1 and at most {limits.max_upscale_factor:g}", "upscale.factor")
+        pixels = round(width * req.factor) * round(height * req.factor)
+        if pixels > limits.max_output_pixels:
+            raise invalid(
+                f"upscaling {width}x{height} by {req.factor:g} gives {pixels} pixels; at most "
+                f"{limits.max_output_pixels} (limits.max_output_pixels)",
+                "upscale.factor",
+            )
+        return UpscaleParams(name, req.factor)
+
+    def safety(self, asked: SafetyMode | None) -> SafetyParams | None:
+        """The safety check a request runs with: the service's mode, or the request's when that is stricter (or
+        the operator lets requests relax it)."""
+        spec = self.config.safety
+        mode = spec.mode
+        if asked is not None and asked != mode:
+            if SAFETY_STRICTNESS[asked] < SAFETY_STRICTNESS[mode] and not spec.allow_request_off:
+                raise invalid(f"this service does not let a request relax its safety check ({mode})", "safety")
+            mode = asked
+        if mode == "off":
+            return None
+        checkers = self.models.artifacts.get("safety_checkers", {})
+        if not checkers:
+            raise invalid("this service has no safety checker configured", "safety")
+        return SafetyParams(next(iter(checkers)), mode)

@@ -16,6 +16,20 @@ from models.schedulers import SCHEDULERS
 MAX_SEED = 2**63 - 1
 
 
+class UpscaleRequest(BaseModel):
+    """The ``upscale`` extension: upscale the generated images before they are returned."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = Field(default=None, description="Upscaler from GET /v1/upscalers; the first if unset.")
+    factor: float = Field(
+        default=2.0, description="Output size / generated size (at most limits.max_upscale_factor); e.g. 4."
+    )
+
+
+SafetyMode = Literal["off", "flag", "block"]
+
+
 class ImageGenerationRequest(BaseModel):
     """``POST /v1/images/generations`` (OpenAI Images API, with Stable Diffusion extensions)."""
 
@@ -48,6 +62,12 @@ class ImageGenerationRequest(BaseModel):
     output_compression: int | None = Field(
         default=None, ge=0, le=100, description="JPEG / WebP quality 0-100 (OpenAI's name for it)."
     )
+    upscale: UpscaleRequest | None = Field(default=None, description="Upscale the images before returning them.")
+    safety: SafetyMode | None = Field(
+        default=None,
+        description="Safety check for this request; unset: the service's safety.mode. A less strict mode than the "
+        "service's is refused unless the operator allows it.",
+    )
 
     @field_validator("size")
     @classmethod
@@ -76,6 +96,18 @@ class ImageData(BaseModel):
     b64_json: str | None = None
     url: str | None = None
     revised_prompt: str | None = None
+    flagged: bool | None = Field(default=None, description="The safety checker's verdict (when the check ran).")
+
+
+class UpscaleSettings(BaseModel):
+    model: str
+    factor: float
+
+
+class SafetySettings(BaseModel):
+    mode: Literal["flag", "block"]
+    checker: str
+    withheld: int = Field(description="Flagged images left out of `data` (block mode).")
 
 
 class GenerationSettings(BaseModel):
@@ -90,6 +122,8 @@ class GenerationSettings(BaseModel):
     scheduler: str
     output_format: str
     timings_ms: dict[str, float]
+    upscale: UpscaleSettings | None = None
+    safety: SafetySettings | None = None
 
 
 class ImageGenerationResponse(GenerationSettings):
@@ -142,6 +176,7 @@ class JobProgress(BaseModel):
 
 class JobImage(BaseModel):
     url: str
+    flagged: bool | None = Field(default=None, description="The safety checker's verdict (when the check ran).")
 
 
 class JobImages(GenerationSettings):

@@ -46,10 +46,31 @@ class GenerationResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     @property
-    def delivered(self) -> list[bytes]:
-        """The images the client gets (withheld ones left out)."""
+    def delivered(self) -> list[tuple[bytes, bool | None]]:
+        """The images the client gets, each with its safety verdict (None: not checked); withheld ones left out."""
         withheld = self.withheld or (False,) * len(self.images)
-        return [img for img, hidden in zip(self.images, withheld, strict=True) if not hidden]
+        flagged: tuple[bool | None, ...] = self.flagged or (None,) * len(self.images)
+        return [(img, flag) for img, flag, hidden in zip(self.images, flagged, withheld, strict=True) if not hidden]
+
+    def settings(self) -> dict[str, Any]:
+        """What reproduces the result; every API's response says it the same way (``GenerationSettings``)."""
+        req = self.request
+        up, safety = req.upscale, req.safety
+        return {
+            "model": req.model,
+            "model_version": self.model_version,
+            "seed": req.seed,
+            "size": f"{self.width}x{self.height}",
+            "steps": req.steps,
+            "guidance_scale": req.guidance_scale,
+            "scheduler": req.scheduler,
+            "output_format": req.output_format,
+            "timings_ms": self.timings_ms,
+            "upscale": {"model": up.upscaler, "factor": up.factor} if up else None,
+            "safety": (
+                {"mode": safety.mode, "checker": safety.checker, "withheld": sum(self.withheld)} if safety else None
+            ),
+        }
 
 
 class GenerationService:
@@ -100,6 +121,13 @@ class GenerationService:
     ) -> GenerationResult:
         started = time.perf_counter()
         images: EncodedImages = await self.runner.run(plan, on_progress, preview)
+        if images.withheld and all(images.withheld):
+            # OpenAI's answer when its moderation refuses an image, in our error shape.
+            raise ApiError(
+                400,
+                "content_policy_violation",
+                f"the safety checker flagged every image of this request ({len(images.withheld)}); none is returned",
+            )
         elapsed = (time.perf_counter() - started) * 1000
         logger.info(
             "generated model=%s plan=%s steps=%d size=%dx%d n=%d user=%s in %.0f ms",

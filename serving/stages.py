@@ -89,6 +89,18 @@ STAGES: dict[str, Stage] = {
             description="VAE decoding, batched across requests.",
         ),
         Stage(
+            name="safety",
+            deployment="Safety",
+            deployment_class="serving.deployments.safety:SafetyDeployment",
+            compute="models.safety:SafetyCheckerStage",
+            catalog="safety_checkers",
+            worker_group="safety",
+            artifact="safety_checker",
+            optional=True,
+            plan_step="serving.deployments.safety:safety_call",
+            description="Safety check of the generated images (flag, or withhold), before any upscale.",
+        ),
+        Stage(
             name="upscaler",
             deployment="Upscaler",
             deployment_class="serving.deployments.upscaler:UpscalerDeployment",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,8 +115,80 @@ def content_id(manifest_bytes: bytes) -> str:
     return hashlib.sha256(manifest_bytes).hexdigest()[:24]
 
 
-def build_manifest(directory: Path, revision: str, allow_pickle: bool = False) -> Manifest:
-    """Hash every file under ``directory`` (the manifest itself and dotfiles excluded)."""
+# -- what a folder is -----------------------------------------------------------------------------------------
+
+KindDetector = Callable[[Path, Sequence[FileEntry]], bool]
+SAFETY_CHECKER_CLASS = "StableDiffusionSafetyChecker"
+
+
+def _is_pipeline(directory: Path, files: Sequence[FileEntry]) -> bool:
+    return (directory / "model_index.json").is_file()
+
+
+def _is_safety_checker(directory: Path, files: Sequence[FileEntry]) -> bool:
+    """diffusers' safety checker, in the public repo's layout or a pipeline's (safety_checker/ + feature_extractor/)."""
+    from models.safety import artifact_dirs
+    from models.snapshot import SnapshotError
+
+    try:
+        checker_dir, _ = artifact_dirs(directory)
+        config = json.loads((checker_dir / "config.json").read_text())
+    except (SnapshotError, OSError, ValueError):
+        return False
+    if not isinstance(config, dict):
+        return False
+    architectures = config.get("architectures")
+    names = [*(architectures if isinstance(architectures, list) else []), config.get("_class_name")]
+    return SAFETY_CHECKER_CLASS in names
+
+
+def _is_upscaler(directory: Path, files: Sequence[FileEntry]) -> bool:
+    """One safetensors file whose key names and shapes are a Real-ESRGAN architecture (only the header is read)."""
+    weights = [f for f in files if f.path.endswith(".safetensors")]
+    if len(weights) != 1:
+        return False
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    from models.upscaler import detect_upscaler
+
+    try:
+        with safe_open(str(directory / weights[0].path), framework="pt") as f:
+            names: list[str] = list(f.keys())
+            # Meta tensors: the shapes detect_upscaler reads, no tensor data.
+            tensors = {name: torch.empty(f.get_slice(name).get_shape(), device="meta") for name in names}
+        detect_upscaler(tensors)
+    except (SafetensorError, OSError, ValueError):
+        return False
+    return True
+
+
+def _is_lora(directory: Path, files: Sequence[FileEntry]) -> bool:
+    return any(f.path.endswith(".safetensors") for f in files)  # a single adapter file
+
+
+# Tried in order: the first match is the folder's kind.
+KIND_DETECTORS: tuple[tuple[str, KindDetector], ...] = (
+    ("pipeline", _is_pipeline),
+    ("safety_checker", _is_safety_checker),
+    ("upscaler", _is_upscaler),
+    ("lora", _is_lora),
+)
+KNOWN_KINDS = tuple(kind for kind, _ in KIND_DETECTORS)
+
+
+def detect_kind(directory: Path, files: Sequence[FileEntry]) -> str | None:
+    """The artifact kind of a folder holding ``files``, or None when it is none of ``KNOWN_KINDS``."""
+    return next((kind for kind, matches in KIND_DETECTORS if matches(directory, files)), None)
+
+
+def build_manifest(directory: Path, revision: str, allow_pickle: bool = False, kind: str | None = None) -> Manifest:
+    """Hash every file under ``directory`` (the manifest itself and dotfiles excluded).
+
+    ``kind`` (one of ``KNOWN_KINDS``) overrides detection from the folder's contents.
+    """
+    if kind is not None and kind not in KNOWN_KINDS:
+        raise RegistryError(f"unknown artifact kind {kind!r}; choose from {', '.join(KNOWN_KINDS)}", str(directory))
     files = []
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         rel = path.relative_to(directory).as_posix()
@@ -124,21 +197,25 @@ def build_manifest(directory: Path, revision: str, allow_pickle: bool = False) -
         files.append(FileEntry(rel, path.stat().st_size, sha256_file(path)))
     if not files:
         raise RegistryError("no files to publish", str(directory))
+    if kind is None:
+        kind = detect_kind(directory, files)
+    if kind is None:
+        raise RegistryError(
+            "neither a diffusers pipeline (model_index.json), a safety checker, an upscaler nor an adapter",
+            str(directory),
+        )
+    family = ""
     index = directory / "model_index.json"
-    if index.is_file():
+    if kind == "pipeline" and index.is_file():
         from models.snapshot import family_for
 
-        family, kind = family_for(json.loads(index.read_text()).get("_class_name", "")).name, "pipeline"
-    elif any(f.path.endswith(".safetensors") for f in files):
-        family, kind = "", "lora"  # a single adapter file
-    else:
-        raise RegistryError("neither a diffusers pipeline (model_index.json) nor an adapter", str(directory))
+        family = family_for(json.loads(index.read_text()).get("_class_name", "")).name
     manifest = Manifest(family=family, revision=revision, files=tuple(files), kind=kind)
     manifest.check_safe(None, allow_pickle, str(directory))
     return manifest
 
 
-def write_manifest(directory: Path, revision: str, allow_pickle: bool = False) -> Manifest:
-    manifest = build_manifest(directory, revision, allow_pickle)
+def write_manifest(directory: Path, revision: str, allow_pickle: bool = False, kind: str | None = None) -> Manifest:
+    manifest = build_manifest(directory, revision, allow_pickle, kind)
     (directory / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest

@@ -298,8 +298,13 @@ def source_for(ref: ModelRef, attempts: int = 3) -> ModelSource:
     return cls(attempts=attempts)
 
 
-def publish(directory: Path, ref: ModelRef, allow_pickle: bool = False, attempts: int = 3) -> tuple[ModelRef, str]:
-    """Write the manifest into ``directory`` and publish it at ``ref``; return the pinned ref and content id."""
-    manifest = write_manifest(directory, revision=ref.version or "", allow_pickle=allow_pickle)
+def publish(
+    directory: Path, ref: ModelRef, allow_pickle: bool = False, attempts: int = 3, kind: str | None = None
+) -> tuple[ModelRef, str]:
+    """Write the manifest into ``directory`` and publish it at ``ref``; return the pinned ref and content id.
+
+    ``kind`` overrides the artifact kind detected from the folder (see ``manifest.KNOWN_KINDS``).
+    """
+    manifest = write_manifest(directory, revision=ref.version or "", allow_pickle=allow_pickle, kind=kind)
     pinned = source_for(ref, attempts).push(directory, ref)
     return pinned, content_id(manifest.to_json().encode())

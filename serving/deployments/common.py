@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from models.errors import UnknownModelError
+from models.registry.errors import RegistryError
 from serving.config import AppConfig, ModelCatalog, StageSpec
 from serving.env import SDSERVE_HOME
 from serving.metrics import GAUGE_REFRESH_S, StageMetrics
@@ -165,6 +166,8 @@ class StageReplica:
         """The pinned reference a request runs on: the one it names (loaded if needed), else the default."""
         if not ref:
             ref = self.active.get(name, "")
+            if not ref and name in self.load_errors:
+                raise RegistryError(f"{name!r} failed to load: {self.load_errors[name]}", name)
             if not ref:
                 raise UnknownModelError(f"model {name!r} is not served; see GET /v1/models", param="model")
         pinned = await self.ensure_loaded(name, ref)

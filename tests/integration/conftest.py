@@ -22,6 +22,8 @@ class LiveService:
     model_dir: Path
     metrics_url: str
     grpc_target: str  # host:port of Serve's gRPC proxy
+    upscaler_dir: Path
+    checker_dir: Path
 
     def client(self, timeout: float = 120.0) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout)
@@ -29,6 +31,36 @@ class LiveService:
     def grpc_metadata(self, app_name: str | None = None) -> tuple[tuple[str, str], ...]:
         """Serve's gRPC proxy routes by the `application` metadata when several applications run."""
         return (("application", app_name or self.config.app_name),)
+
+
+# The live app's safety checker flags the first image of this request (and not the second).
+FLAGGED_REQUEST = {"prompt": "a flagged fox", "seed": 4242, "n": 2}
+
+
+def flagged_images(model_dir: Path) -> tuple[list, list]:
+    """(images the test checker must flag, images it must pass): ``FLAGGED_REQUEST``'s images, made in-process
+    by the same stages the service runs (its first image alone, as n=1 makes it, is flagged too)."""
+    import torch
+
+    from models.contracts import DenoiseParams, EncodeRequest
+    from models.decoder import DecoderStage
+    from models.denoiser import DenoiserStage
+    from models.snapshot import open_snapshot
+    from models.text_encoder import TextEncoderStage
+
+    snap = open_snapshot(str(model_dir))
+    cpu = torch.device("cpu")
+    (emb,) = TextEncoderStage("tiny", snap, cpu, torch.float32).encode(
+        [EncodeRequest("tiny", FLAGGED_REQUEST["prompt"], None, True)]
+    )
+    denoiser, decoder = DenoiserStage("tiny", snap, cpu, torch.float32), DecoderStage("tiny", snap, cpu, torch.float32)
+
+    def images(n: int) -> list:
+        params = DenoiseParams("tiny", 64, 64, 4, 7.5, "euler", FLAGGED_REQUEST["seed"], num_images=n)
+        return list(decoder.decode_pixels(denoiser.run(params, emb).tensor))
+
+    pair, alone = images(2), images(1)
+    return [pair[0], alone[0]], [pair[1]]
 
 
 def tiny_config(model_dir: Path, outputs: Path, **overrides: object) -> AppConfig:
@@ -51,9 +83,23 @@ def live(
 ) -> Iterator[LiveService]:
     import ray
 
+    from models.safety import create_test_safety_checker
+    from models.upscaler import create_test_upscaler
     from serving.local import free_port, local_ray_env, start_local, stop_local
 
-    config = tiny_config(tiny_model_dir, tmp_path_factory.mktemp("outputs"))
+    upscaler_dir = create_test_upscaler(tmp_path_factory.mktemp("upscaler") / "x4", seed=0)
+    flag, clear = flagged_images(tiny_model_dir)
+    checker_dir = create_test_safety_checker(
+        tmp_path_factory.mktemp("checker") / "c", flag_images=flag, clear_images=clear
+    )
+    config = tiny_config(
+        tiny_model_dir,
+        tmp_path_factory.mktemp("outputs"),
+        upscalers=[{"name": "x4", "source": str(upscaler_dir)}],
+        upscaler={"torch_threads": 1},
+        safety_checkers=[{"name": "checker", "source": str(checker_dir)}],
+        safety={"mode": "flag", "torch_threads": 1},
+    )
     # Replicas reach the registry servers the way they would in a cluster: through the client libraries'
     # environment, which Ray workers inherit from this process.
     os.environ.update({**s3.env, "HF_ENDPOINT": hub.url})
@@ -75,6 +121,8 @@ def live(
             model_dir=tiny_model_dir,
             metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
             grpc_target=f"127.0.0.1:{grpc_port}",
+            upscaler_dir=upscaler_dir,
+            checker_dir=checker_dir,
         )
     finally:
         stop_local()

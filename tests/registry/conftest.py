@@ -36,3 +36,11 @@ def hub_env(hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> HubServer:
 def model_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny model that a test may publish (push writes the manifest into it)."""
     return Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+
+
+@pytest.fixture(scope="module")
+def tiny_safety_checker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight safety checker (CompVis repo layout), made once per module: copy it before pushing."""
+    from models.safety import create_test_safety_checker
+
+    return create_test_safety_checker(tmp_path_factory.mktemp("safety") / "checker", seed=0)

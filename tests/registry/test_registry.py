@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -270,3 +271,120 @@ def test_verify_reads_local_folders_in_place(model_copy: Path, tmp_path: Path) -
     assert cache.verify(str(model_copy)) == [
         "vae/diffusion_pytorch_model.safetensors: size or sha256 differs from the manifest"
     ]
+
+
+# -- upscaler and safety-checker artifacts ---------------------------------------------------------------------
+
+
+def read_manifest(directory: Path) -> Manifest:
+    return Manifest.from_bytes((directory / MANIFEST_NAME).read_bytes(), "test")
+
+
+def published_files(directory: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(directory).as_posix(): p.read_bytes()
+        for p in directory.rglob("*")
+        if p.is_file() and p.name != MANIFEST_NAME
+    }
+
+
+@pytest.fixture
+def checker_copy(tiny_safety_checker_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_safety_checker_dir, tmp_path / "checker"))
+
+
+def test_upscalers_and_safety_checkers_are_published_by_kind(
+    s3_env: S3Server, checker_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from models.runtime import StageRuntime
+    from models.upscaler import create_test_upscaler
+
+    upscaler = create_test_upscaler(tmp_path / "upscaler", "RealESRGAN_x4plus", seed=0)
+    publish(upscaler, parse_ref("s3://models/upscalers/x4@v1"))
+    publish(checker_copy, parse_ref("s3://models/safety/tiny@v1"))
+    assert read_manifest(upscaler).kind == "upscaler"
+    assert read_manifest(checker_copy).kind == "safety_checker"
+
+    cache = SnapshotCache(tmp_path / "cache")
+    for ref, source in (("s3://models/upscalers/x4@v1", upscaler), ("s3://models/safety/tiny@v1", checker_copy)):
+        snap = cache.materialize(ref)
+        assert snap.manifest is not None and snap.manifest.kind == read_manifest(source).kind
+        assert published_files(snap.path) == published_files(source)
+        assert cache.verify(ref) == []
+
+    # configure_threads sets process-wide state: put it back after the test.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    try:
+        runtime = StageRuntime(
+            "upscaler", lambda *args, **kwargs: None, cache, artifact="upscaler", device="cpu", dtype="float32",
+            threads=1,
+        )  # fmt: skip
+        with pytest.raises(RegistryError, match="is a safety_checker, not a upscaler"):
+            runtime.fetch("s3://models/safety/tiny@v1")
+        pinned, snap = runtime.fetch("s3://models/upscalers/x4@v1")
+        assert pinned == "s3://models/upscalers/x4@v1" and snap.manifest is not None
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_tampered_upscaler_is_refused(s3_env: S3Server, tmp_path: Path) -> None:
+    from models.upscaler import create_test_upscaler
+
+    upscaler = create_test_upscaler(tmp_path / "upscaler", "realesr-general-x4v3", seed=1)
+    publish(upscaler, parse_ref("s3://models/upscalers/general@tampered"))
+    client = s3_env.client()
+    key = "upscalers/general/tampered/realesr-general-x4v3.safetensors"
+    data = bytearray(client.get_object(Bucket="models", Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0xFF
+    client.put_object(Bucket="models", Key=key, Body=bytes(data))
+
+    cache = SnapshotCache(tmp_path / "cache")
+    with pytest.raises(IntegrityError, match=r"realesr-general-x4v3\.safetensors"):
+        cache.materialize("s3://models/upscalers/general@tampered")
+    assert not list((tmp_path / "cache").rglob("realesr-general-x4v3.safetensors"))
+
+
+def test_artifact_kinds_are_detected_or_given(checker_copy: Path, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from models.registry.manifest import KNOWN_KINDS, build_manifest
+    from models.upscaler import create_test_upscaler
+
+    assert KNOWN_KINDS == ("pipeline", "safety_checker", "upscaler", "lora")
+    # A pipeline snapshot's safety_checker/ + feature_extractor/ subfolders (no model_index.json).
+    pipeline_layout = tmp_path / "pipeline_layout"
+    shutil.copytree(checker_copy, pipeline_layout / "safety_checker")
+    (pipeline_layout / "feature_extractor").mkdir()
+    (pipeline_layout / "safety_checker" / "preprocessor_config.json").rename(
+        pipeline_layout / "feature_extractor" / "preprocessor_config.json"
+    )
+    assert build_manifest(pipeline_layout, "v1").kind == "safety_checker"
+    # Some other CLIP model's config is not a safety checker.
+    config = json.loads((checker_copy / "config.json").read_text())
+    (checker_copy / "config.json").write_text(json.dumps({**config, "architectures": ["CLIPModel"]}))
+    assert build_manifest(checker_copy, "v1").kind == "lora"  # only its safetensors file is left to match
+
+    # An upscaler's single file is recognised from its header; other single files stay adapters.
+    upscaler = create_test_upscaler(tmp_path / "upscaler", "RealESRGAN_x2plus", seed=0)
+    assert build_manifest(upscaler, "v1").kind == "upscaler"
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file({"conv_first.weight": torch.zeros(8, 5, 3, 3), "conv_last.weight": torch.zeros(3, 8, 3, 3)},
+              str(adapter / "odd.safetensors"))  # fmt: skip
+    assert build_manifest(adapter, "v1").kind == "lora"  # RRDBNet-like keys, but not a layout it can build
+    (adapter / "odd.safetensors").write_bytes(b"not a safetensors file")
+    assert build_manifest(adapter, "v1").kind == "lora"
+
+    # A given kind overrides detection; an unknown one is refused.
+    assert build_manifest(upscaler, "v1", kind="lora").kind == "lora"
+    with pytest.raises(RegistryError, match="unknown artifact kind 'vae'"):
+        build_manifest(upscaler, "v1", kind="vae")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.md").write_text("hello")
+    with pytest.raises(RegistryError, match="neither a diffusers pipeline"):
+        build_manifest(tmp_path / "notes", "v1")
+    assert build_manifest(tmp_path / "notes", "v1", kind="upscaler").kind == "upscaler"

@@ -24,7 +24,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "model", "negative_prompt", "width", "height", "n", "steps", "guidance_scale", "seed", "scheduler", "output_format", "quality", "preview", "user")
+    __slots__ = ("prompt", "model", "negative_prompt", "width", "height", "n", "steps", "guidance_scale", "seed", "scheduler", "output_format", "quality", "preview", "user", "upscale", "safety")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,8 @@ class GenerateRequest(_message.Message):
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
+    UPSCALE_FIELD_NUMBER: _ClassVar[int]
+    SAFETY_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     model: str
     negative_prompt: str
@@ -53,18 +55,30 @@ class GenerateRequest(_message.Message):
     quality: int
     preview: bool
     user: str
-    def __init__(self, prompt: _Optional[str] = ..., model: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., n: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ..., preview: _Optional[bool] = ..., user: _Optional[str] = ...) -> None: ...
+    upscale: Upscale
+    safety: str
+    def __init__(self, prompt: _Optional[str] = ..., model: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., n: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ..., preview: _Optional[bool] = ..., user: _Optional[str] = ..., upscale: _Optional[_Union[Upscale, _Mapping]] = ..., safety: _Optional[str] = ...) -> None: ...
+
+class Upscale(_message.Message):
+    __slots__ = ("model", "factor")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FACTOR_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    factor: float
+    def __init__(self, model: _Optional[str] = ..., factor: _Optional[float] = ...) -> None: ...
 
 class Image(_message.Message):
-    __slots__ = ("data", "media_type")
+    __slots__ = ("data", "media_type", "flagged")
     DATA_FIELD_NUMBER: _ClassVar[int]
     MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     media_type: str
-    def __init__(self, data: _Optional[bytes] = ..., media_type: _Optional[str] = ...) -> None: ...
+    flagged: bool
+    def __init__(self, data: _Optional[bytes] = ..., media_type: _Optional[str] = ..., flagged: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("images", "model", "model_version", "seed", "width", "height", "steps", "guidance_scale", "scheduler", "timings_ms")
+    __slots__ = ("images", "model", "model_version", "seed", "width", "height", "steps", "guidance_scale", "scheduler", "timings_ms", "withheld", "upscale")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +96,8 @@ class GenerateResponse(_message.Message):
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
+    WITHHELD_FIELD_NUMBER: _ClassVar[int]
+    UPSCALE_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     model: str
     model_version: str
@@ -92,7 +108,9 @@ class GenerateResponse(_message.Message):
     guidance_scale: float
     scheduler: str
     timings_ms: _containers.ScalarMap[str, float]
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ..., timings_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    withheld: int
+    upscale: Upscale
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., withheld: _Optional[int] = ..., upscale: _Optional[_Union[Upscale, _Mapping]] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("job_id", "queued", "progress", "result")

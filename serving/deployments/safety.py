@@ -1,0 +1,56 @@
+"""Safety deployment: diffusers' ``StableDiffusionSafetyChecker`` (a registry artifact of kind ``safety_checker``)
+on its own replicas.
+
+Deployed only when the catalog names a checker (``safety_checkers``). ``safety.mode`` (and, where the operator
+allows it, the request) decides per request: ``flag`` marks each image, ``block`` also withholds flagged images
+(their pixels are zeroed and never encoded). It runs right after the decoder, before any upscale: the checker
+looks at a 224x224 resize either way, so an upscale adds nothing it could see, and a withheld image is zeros by
+the time it reaches the upscaler. On an uploaded image (A1111 extras) it checks the upload.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from ray import serve
+
+from models.contracts import DecodeParams, EncodedImages, Pixels, SafetyParams
+from models.images import finish
+from serving.deployments.common import StageReplica
+from serving.plans import StageCall
+
+if TYPE_CHECKING:
+    from serving.resolver import GenerationRequest
+
+
+def safety_call(req: GenerationRequest) -> StageCall | None:
+    """The plan step a request adds when its safety mode is not ``off``."""
+    if req.safety is None:
+        return None
+    return StageCall("safety", "check", (req.safety,), encodes=True)
+
+
+@serve.deployment(name="Safety")
+class SafetyDeployment(StageReplica):
+    kind = "safety"
+
+    def _check(self, stage: Any, pixels: Pixels, block: bool) -> Pixels:
+        self.metrics.observe_batch(len(pixels.array))
+        flagged = tuple(verdict.flagged for verdict in stage.check(pixels.array))
+        if not block:
+            return Pixels(pixels.array, pixels.model_version, flagged, pixels.withheld)
+        array = pixels.array.copy()
+        array[np.array(flagged, dtype=bool)] = 0  # a withheld image never leaves this replica
+        return Pixels(array, pixels.model_version, flagged, flagged)
+
+    async def check(
+        self, pixels: Pixels, params: SafetyParams, output: DecodeParams | None = None
+    ) -> Pixels | EncodedImages:
+        """Check a request's images; encode them when this call ends the plan."""
+        ref = await self.resolve(params.checker, params.ref)
+        stage = self.runtime.get(params.checker, ref)
+        with self.metrics.request():
+            checked: Pixels = await self.run_compute(self._check, stage, pixels, params.mode == "block")
+            result: Pixels | EncodedImages = await self.run_compute(finish, checked, output)
+            return result
