@@ -149,10 +149,12 @@ class StageRuntime:
         Args:
             active: model name -> pinned reference served for that name (default: every loaded version).
         """
-        active = active if active is not None else {stage.name: ref for ref, stage in self.loaded.items()}
+        with self._lock:  # retire() may drop versions on the compute thread meanwhile
+            loaded = dict(self.loaded)
+        active = active if active is not None else {stage.name: ref for ref, stage in loaded.items()}
         models = {}
         for name, ref in active.items():
-            stage = self.loaded.get(ref)
+            stage = loaded.get(ref)
             if stage is not None:
                 models[name] = self._describe_stage(ref, stage)
         return {
@@ -163,7 +165,7 @@ class StageRuntime:
             "pid": os.getpid(),
             "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "models": models,
-            "loaded_versions": {ref: stage.version for ref, stage in self.loaded.items()},
+            "loaded_versions": {ref: stage.version for ref, stage in loaded.items()},
         }
 
     def _describe_stage(self, ref: str, stage: AnyStage) -> dict[str, Any]:

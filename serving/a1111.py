@@ -21,7 +21,7 @@ from fastapi import APIRouter, Body
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.contracts import DenoiseProgress, Pixels
-from models.images import decode_image
+from models.images import decode_image, image_size
 from models.schedulers import SCHEDULERS
 from serving.errors import ApiError, invalid, validation_error
 from serving.resolver import GenerationRequest
@@ -237,17 +237,23 @@ class A1111Api:
                 raise invalid(f"{name} is not supported by this server", name)
         if body.resize_mode != 0:
             raise invalid("only resize_mode 0 (scale by upscaling_resize) is supported", "resize_mode")
+        if body.upscaler_1 in (None, "", "None"):
+            raise invalid("choose an upscaler from /sdapi/v1/upscalers", "upscaler_1")
         try:
             data = base64.b64decode(body.image.partition(",")[2] if body.image.startswith("data:") else body.image)
-            pixels = decode_image(data)
+            width, height = image_size(data)  # the header only: limits are checked before anything is decoded
         except Exception as exc:
             raise invalid(f"image is not a base64 PNG, JPEG or WebP image ({type(exc).__name__})", "image") from exc
         upscale = UpscaleRequest(model=body.upscaler_1, factor=body.upscaling_resize)
         try:
-            req = self.service.resolver.resolve_postprocess(pixels.shape[1], pixels.shape[0], upscale, "png")
+            req = self.service.resolver.resolve_postprocess(width, height, upscale, "png")
         except ApiError as err:
             names = {"upscale.model": "upscaler_1", "upscale.factor": "upscaling_resize", "upscale": "upscaler_1"}
             raise ApiError(err.status, err.code, err.message, names.get(err.param or "", err.param)) from err
+        try:
+            pixels = decode_image(data)
+        except Exception as exc:
+            raise invalid(f"image could not be decoded ({type(exc).__name__})", "image") from exc
         result = await self.service.postprocess(req, Pixels(pixels[None], model_version=""))
         return {"html_info": _extras_info(result), "image": base64.b64encode(result.delivered[0][0]).decode("ascii")}
 

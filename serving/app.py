@@ -99,8 +99,12 @@ def render_serve_config(config: AppConfig) -> dict[str, Any]:
     The catalog goes into each deployment's ``user_config`` and not into ``args``: Serve restarts every replica
     when ``args`` change, but applies a changed ``user_config`` in place, which is how model versions roll out.
     """
+    if config.safety.mode != "off" and not config.safety_checkers:
+        raise ValueError(f"safety.mode is {config.safety.mode} but safety_checkers is empty; add a checker")
     args = config.to_args()
     catalog = {section: args.pop(section) for section in config.catalog()}
+    # Without the catalog in args, build_app learns which optional stages to bind from this list.
+    args["stages"] = [stage.name for stage in deployed_stages(config)]
     names = [INGRESS_DEPLOYMENT] + [stage.deployment for stage in deployed_stages(config)]
     grpc = grpc_options(config)
     return {

@@ -377,6 +377,12 @@ class AppConfig(_Strict):
     app_name: str = Field(default="sdserve", description="Ray Serve application name.")
     route_prefix: str = Field(default="/", description="HTTP route prefix of the application.")
     models: list[ModelSpec] = Field(default_factory=list, description="Model catalog; the first is the default.")
+    stages: list[str] | None = Field(
+        default=None,
+        description="Stages to deploy (names from the stage table). Unset: every pipeline stage, plus each optional "
+        "stage whose catalog section names something; `render-serve-config` and the chart write the list out, "
+        "because the catalog itself travels as user_config.",
+    )
     http: HttpSpec = Field(default_factory=HttpSpec, description="HTTP proxy settings.")
     grpc: GrpcSpec = Field(default_factory=GrpcSpec, description="gRPC proxy settings.")
     ingress: IngressSpec = Field(default_factory=IngressSpec, description="Ingress deployment.")
@@ -404,6 +410,13 @@ class AppConfig(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> AppConfig:
         self.catalog()  # unique names
+        if self.stages is not None:
+            from serving.stages import STAGES
+
+            unknown = sorted(set(self.stages) - set(STAGES))
+            missing = [s.name for s in STAGES.values() if not s.optional and s.name not in self.stages]
+            if unknown or missing:
+                raise ValueError(f"stages: unknown {unknown}, required but left out {missing}")
         if self.defaults.scheduler not in SCHEDULERS:
             raise ValueError(f"defaults.scheduler must be one of {sorted(SCHEDULERS)}")
         if self.limits.min_size > self.limits.max_size:

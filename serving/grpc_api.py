@@ -42,6 +42,10 @@ STATUS_BY_CODE: dict[str, grpc.StatusCode] = {
     "timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
     "job_lost": grpc.StatusCode.ABORTED,
     "cancelled": grpc.StatusCode.CANCELLED,
+    # A failed job's error reaches GenerateStream without its HTTP status: these say what it was.
+    "content_policy_violation": grpc.StatusCode.INVALID_ARGUMENT,
+    "upscaler_not_found": grpc.StatusCode.NOT_FOUND,
+    "model_unavailable": grpc.StatusCode.UNAVAILABLE,
 }
 STATUS_BY_HTTP: dict[int, grpc.StatusCode] = {
     400: grpc.StatusCode.INVALID_ARGUMENT,

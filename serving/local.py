@@ -39,9 +39,10 @@ def free_port() -> int:
 
 
 def ensure_default_model(config: AppConfig) -> AppConfig:
-    """Fill what a newcomer did not configure with small random-weight test artifacts (created once), and say so:
-    the tiny test model when there is no model, a tiny test upscaler when there is no upscaler, and a tiny test
-    safety checker when ``safety.mode`` is on without one (so that one setting turns the check on)."""
+    """With no model configured, serve small random-weight test artifacts (created once), and say so: the tiny
+    test model, a tiny test upscaler unless upscalers are configured, and a tiny test safety checker when
+    ``safety.mode`` is on without one (so that one setting turns the check on). With real models nothing is
+    added (a safety mode without a checker is an error there)."""
     from models.safety import create_test_safety_checker
     from models.testmodels import TEST_MODEL_SIZES, create_test_model
     from models.upscaler import create_test_upscaler
@@ -60,7 +61,10 @@ def ensure_default_model(config: AppConfig) -> AppConfig:
         )
         data["models"] = [ModelSpec(name="sdserve-tiny", source=str(path), description="tiny random test model")]
         data["defaults"]["size"] = f"{resolution}x{resolution}"
-    if not config.upscalers:
+    if config.models and config.safety.mode != "off" and not config.safety_checkers:
+        # Real models with a safety mode but no checker: fail, rather than check with a random one.
+        raise ValueError(f"safety.mode is {config.safety.mode} but safety_checkers is empty; add a checker")
+    if not config.models and not config.upscalers:
         path = root / "upscaler-x4plus-tiny"
         if not any(path.glob("*.safetensors")):
             create_test_upscaler(path, layout="RealESRGAN_x4plus", seed=0, size="tiny")

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from models.contracts import OutputFormat, SafetyParams, UpscaleParams
-from serving.config import SAFETY_STRICTNESS, AppConfig
+from serving.config import SAFETY_STRICTNESS, AppConfig, SafetyMode
 from serving.errors import ApiError, invalid
-from serving.schemas import ImageGenerationRequest, SafetyMode, UpscaleRequest
+from serving.schemas import ImageGenerationRequest, UpscaleRequest
 
 if TYPE_CHECKING:
     from serving.rollout import ModelCatalogState
@@ -162,5 +162,7 @@ class RequestResolver:
             return None
         checkers = self.models.artifacts.get("safety_checkers", {})
         if not checkers:
+            if asked is None:  # the operator's setting, not the client's request: a server-side problem
+                raise ApiError(503, "stage_unavailable", f"safety.mode is {mode} but no safety checker is configured")
             raise invalid("this service has no safety checker configured", "safety")
         return SafetyParams(next(iter(checkers)), mode)

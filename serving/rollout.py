@@ -71,8 +71,9 @@ class ModelRollout:
             for section in type(catalog).model_fields
             if section != "models"
         }
-        for name in [n for n in state.active if n not in state.specs]:
-            del state.active[name]
+        for bookkeeping in (state.active, state.configured, state.versions, state.errors):
+            for name in [n for n in bookkeeping if n not in state.specs]:
+                del bookkeeping[name]  # a model removed and added back later is rolled out afresh
         changed = [m for m in catalog.models if state.configured.get(m.name) != m.source]
         if initial:
             await asyncio.gather(*(self._roll_out(m, prepare=False) for m in changed))

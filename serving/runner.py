@@ -138,12 +138,16 @@ class ChainRunner:
         while True:
             attempts += 1
             remaining = max(limits.request_timeout_s - (time.perf_counter() - started), 0.0)
+            deadline = asyncio.timeout(remaining)
             try:
-                return await asyncio.wait_for(self._run_once(plan, on_progress, preview), timeout=remaining)
+                async with deadline:
+                    return await self._run_once(plan, on_progress, preview)
             except TimeoutError as exc:
-                raise ApiError(
-                    504, "timeout", f"generation did not finish within {limits.request_timeout_s:g}s"
-                ) from exc
+                if deadline.expired():  # not a TimeoutError a stage raised (e.g. a download's socket)
+                    raise ApiError(
+                        504, "timeout", f"generation did not finish within {limits.request_timeout_s:g}s"
+                    ) from exc
+                raise self.map_error(exc) from exc
             except BaseException as exc:
                 if is_replica_loss(exc) and attempts <= limits.replica_loss_retries:
                     logger.warning("a stage replica died under a request (attempt %d); re-running it", attempts)

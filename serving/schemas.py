@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.schedulers import SCHEDULERS
+from serving.config import SafetyMode
 
 MAX_SEED = 2**63 - 1
 
@@ -25,9 +26,6 @@ class UpscaleRequest(BaseModel):
     factor: float = Field(
         default=2.0, description="Output size / generated size (at most limits.max_upscale_factor); e.g. 4."
     )
-
-
-SafetyMode = Literal["off", "flag", "block"]
 
 
 class ImageGenerationRequest(BaseModel):

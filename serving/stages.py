@@ -40,7 +40,10 @@ class Stage:
     description: str = ""
 
     def deployed(self, config: AppConfig) -> bool:
-        """Whether this config runs the stage (an optional stage needs an entry in its catalog section)."""
+        """Whether this config runs the stage: as ``config.stages`` lists, else (an optional stage) when its
+        catalog section names something."""
+        if config.stages is not None:
+            return self.name in config.stages
         return not self.optional or bool(getattr(config, self.catalog))
 
     def deployment_cls(self) -> Any:

@@ -78,6 +78,7 @@ class StageReplica:
         self.catalog: dict[str, str] = {}  # model name -> configured reference
         self.active: dict[str, str] = {}  # model name -> pinned reference this replica serves by default
         self.load_errors: dict[str, str] = {}
+        self.pending: dict[str, str] = {}  # name -> reference of the newest catalog (loaded or not yet)
         self._loading: dict[str, asyncio.Future[str]] = {}
         self._rollout: asyncio.Task[bool] | None = None
         self._retirer: asyncio.Task[None] | None = None
@@ -98,6 +99,7 @@ class StageReplica:
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         models = getattr(ModelCatalog.model_validate(user_config or {}), self.stage.catalog)
+        self.pending = {m.name: m.source for m in models}
         if self._retirer is None:
             self._retirer = asyncio.get_running_loop().create_task(self._retire_loop())
             self._gauges = asyncio.get_running_loop().create_task(self._refresh_gauges())
@@ -136,6 +138,8 @@ class StageReplica:
         self.catalog = {m.name: m.source for m in models}
         for name in [n for n in self.active if n not in self.catalog]:
             del self.active[name]
+        for name in [n for n in self.load_errors if n not in self.catalog]:
+            del self.load_errors[name]  # no longer configured: no longer a reason to be degraded
         return True
 
     async def ensure_loaded(self, name: str, ref: str) -> str:
@@ -165,7 +169,9 @@ class StageReplica:
     async def resolve(self, name: str, ref: str) -> str:
         """The pinned reference a request runs on: the one it names (loaded if needed), else the default."""
         if not ref:
-            ref = self.active.get(name, "")
+            # A name the newest catalog added is loaded on first use (sharing the rollout's load): the ingress
+            # may name it before this replica's background load finished.
+            ref = self.active.get(name, "") or (self.pending.get(name, "") if name not in self.load_errors else "")
             if not ref and name in self.load_errors:
                 raise RegistryError(f"{name!r} failed to load: {self.load_errors[name]}", name)
             if not ref:

@@ -20,13 +20,29 @@ from tests.serve_process import serve_run
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_rendered_serve_config_generates_an_image(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_rendered_serve_config_generates_an_upscaled_checked_image(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """With an upscaler and a safety checker (block mode) in the values, the chart's serveConfigV2 runs all five
+    stages, each on its group's resource, and serves an upscaled, checked image; a request whose only image the
+    checker flags is refused as a content policy violation."""
+    from models.safety import create_test_safety_checker
+    from models.upscaler import create_test_upscaler
+    from tests.integration.conftest import FLAGGED_REQUEST, flagged_images
+
+    flag, clear = flagged_images(tiny_model_dir)
+    config = {
+        "models": [{"name": "tiny", "source": str(tiny_model_dir)}],
+        "defaults": {"steps": 4, "size": "64x64"},
+        "upscalers": [{"name": "x4", "source": str(create_test_upscaler(tmp_path / "x4", seed=0))}],
+        "safety_checkers": [
+            {
+                "name": "checker",
+                "source": str(create_test_safety_checker(tmp_path / "c", flag_images=flag, clear_images=clear)),
+            }
+        ],
+        "safety": {"mode": "block"},
+    }
     values = tmp_path / "values.yaml"
-    values.write_text(
-        yaml.safe_dump(
-            {"config": {"models": [{"name": "tiny", "source": str(tiny_model_dir)}], "defaults": {"steps": 3}}}
-        )
-    )
+    values.write_text(yaml.safe_dump({"config": config}))
     # Default (GPU) values: every stage asks for GPUs and its group's resource.
     docs = render([values])
     (service,) = [d for d in docs if d["kind"] == "RayService"]
@@ -50,11 +66,21 @@ def test_rendered_serve_config_generates_an_image(tiny_model_dir: Path, tmp_path
             "text_encoder": True,
             "denoiser": True,
             "decoder": True,
+            "safety": True,
+            "upscaler": True,
         }
         response = httpx.post(
-            f"{url}/v1/images/generations", json={"prompt": "a lighthouse", "size": "64x64"}, timeout=120
+            f"{url}/v1/images/generations",
+            json={**FLAGGED_REQUEST, "upscale": {"model": "x4", "factor": 2}},
+            timeout=120,
         )
         assert response.status_code == 200, response.text
-        image = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
-        assert image.size == (64, 64)
+        body = response.json()
+        assert body["safety"] == {"mode": "block", "checker": "checker", "withheld": 1}
+        (only,) = body["data"]
+        assert only["flagged"] is False
+        image = Image.open(io.BytesIO(base64.b64decode(only["b64_json"])))
+        assert image.size == (128, 128) and body["size"] == "128x128"
+        refused = httpx.post(f"{url}/v1/images/generations", json={**FLAGGED_REQUEST, "n": 1}, timeout=120)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (400, "content_policy_violation")
     assert CHART.is_dir()

@@ -1,4 +1,5 @@
-"""The deployment graph: an ingress and three stage deployments, each replica holding only its component."""
+"""The deployment graph: an ingress and one deployment per stage of the stage table the config runs, each
+replica holding only its own component (or artifact)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ from tests.integration.conftest import LiveService
 pytestmark = pytest.mark.integration
 
 
-def test_serve_status_shows_four_separate_deployments(live: LiveService) -> None:
+def test_serve_status_shows_one_deployment_per_stage(live: LiveService) -> None:
     from ray import serve
+
+    from serving.stages import deployed_stages
 
     app = serve.status().applications[live.config.app_name]
     assert app.status == "RUNNING"
-    assert set(app.deployments) == {"Ingress", "TextEncoder", "Denoiser", "Decoder"}
+    expected = {"Ingress"} | {stage.deployment for stage in deployed_stages(live.config)}
+    assert expected == {"Ingress", "TextEncoder", "Denoiser", "Decoder", "Safety", "Upscaler"}
+    assert set(app.deployments) == expected
     assert all(d.status == "HEALTHY" for d in app.deployments.values())
 
 
@@ -38,7 +43,17 @@ def test_each_stage_replica_holds_only_its_component(live: LiveService) -> None:
         files = [f for f in model["files"] if f != "model_index.json"]
         assert files and all(f.startswith(prefixes) for f in files)
         pids.add(info["pid"])
-    assert len(pids) == 3  # three separate processes
+    # The artifact stages hold their artifact and nothing of the model.
+    for stage, name, modules in (
+        ("upscaler", "x4", ["RRDBNet"]),
+        ("safety", "checker", ["StableDiffusionSafetyChecker"]),
+    ):
+        info = stages[stage]
+        assert info["ready"] is True and list(info["models"]) == [name]
+        assert info["models"][name]["torch_modules"] == modules
+        assert not any(f.startswith(("unet/", "vae/", "text_encoder/")) for f in info["models"][name]["files"])
+        pids.add(info["pid"])
+    assert len(pids) == 5  # separate processes
     versions = {stages[s]["models"]["tiny"]["version"] for s in expected}
     assert len(versions) == 1
 

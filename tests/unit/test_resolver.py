@@ -110,3 +110,54 @@ def test_config_refuses_a_default_size_outside_the_limits():
         AppConfig.model_validate({"defaults": {"steps": 30}, "limits": {"max_steps": 20}})
     with pytest.raises(ValueError, match=r"defaults\.guidance_scale"):
         AppConfig.model_validate({"defaults": {"guidance_scale": 9}, "limits": {"max_guidance_scale": 8}})
+
+
+def with_artifacts(r: RequestResolver, **sections: list[str]) -> RequestResolver:
+    from serving.config import ArtifactSpec
+
+    r.models.artifacts = {
+        section: {name: ArtifactSpec(name=name, source=f"/artifacts/{name}") for name in names}
+        for section, names in sections.items()
+    }
+    return r
+
+
+def test_upscale_is_checked_against_the_catalog_and_the_limits() -> None:
+    none = refused(resolver(), upscale={"factor": 2})
+    assert (none.status, none.param) == (422, "upscale") and "no upscaler" in none.message
+    r = with_artifacts(resolver(max_output_pixels=256 * 256, max_upscale_factor=4), upscalers=["x4", "x2"])
+    assert r.resolve(ImageGenerationRequest(prompt="a", size="64x64")).upscale is None
+    ok = r.resolve(ImageGenerationRequest.model_validate({"prompt": "a", "size": "64x64", "upscale": {"factor": 4}}))
+    assert ok.upscale is not None and (ok.upscale.upscaler, ok.upscale.factor) == ("x4", 4.0)  # the first
+    unknown = refused(r, upscale={"model": "x8"})
+    assert (unknown.status, unknown.code, unknown.param) == (404, "upscaler_not_found", "upscale.model")
+    for factor in (1.0, 0.5, 4.5):
+        assert refused(r, size="64x64", upscale={"factor": factor}).param == "upscale.factor"
+    too_big = refused(r, size="128x128", upscale={"factor": 4})  # 512x512 > 256x256 pixels
+    assert (too_big.status, too_big.param) == (422, "upscale.factor") and "max_output_pixels" in too_big.message
+
+
+@pytest.mark.parametrize(
+    ("mode", "allow", "asked", "expected"),
+    [
+        ("off", False, None, None),
+        ("flag", False, None, "flag"),
+        ("flag", False, "block", "block"),  # stricter: always allowed
+        ("block", False, "flag", 422),  # less strict: refused ...
+        ("block", True, "flag", "flag"),  # ... unless the operator allows it
+        ("flag", True, "off", None),
+    ],
+)
+def test_safety_mode_per_request(mode: str, allow: bool, asked: str | None, expected: object) -> None:
+    r = with_artifacts(resolver(), safety_checkers=["checker"])
+    r.config = r.config.model_copy(
+        update={"safety": r.config.safety.model_copy(update={"mode": mode, "allow_request_off": allow})}
+    )
+    fields = {"safety": asked} if asked else {}
+    if expected == 422:
+        assert refused(r, **fields).param == "safety"
+        return
+    safety = r.resolve(ImageGenerationRequest.model_validate({"prompt": "a", **fields})).safety
+    assert (safety.mode if safety else None) == expected
+    if safety:
+        assert safety.checker == "checker"

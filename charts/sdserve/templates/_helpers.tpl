@@ -127,7 +127,14 @@ The sdserve AppConfig the chart deploys: the user's `config`, plus each stage pi
   "ingress" (dict "resources" (dict "resources" (dict "sdserve_head" 1)))
   "outputs" (dict "directory" "/tmp/sdserve/outputs")
 }}
-{{- /* A deployed stage whose group is disabled is not pinned: it runs wherever its resources fit. */}}
+{{- /* The deployed stages, listed (as render-serve-config does): the catalog is not in args, so build_app
+     learns which optional stages to bind from this list. A deployed stage whose group is disabled is not
+     pinned: it runs wherever its resources fit. */}}
+{{- $names := list }}
+{{- range (include "sdserve.deployedStages" . | fromYaml).stages }}
+{{- $names = append $names .name }}
+{{- end }}
+{{- $_ := set $pins "stages" $names }}
 {{- $groups := dict }}
 {{- range (include "sdserve.stageGroups" . | fromYaml).groups }}
 {{- $_ := set $groups .name .settings }}
