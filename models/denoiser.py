@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -308,6 +308,25 @@ class StepBatcher:
         except asyncio.CancelledError:
             job.cancelled = True  # the loop drops it before its next step, freeing its slot
             raise
+
+    async def stream(
+        self, stage: DenoiserStage, params: DenoiseParams, embeddings: PromptEmbeddings, preview: bool = False
+    ) -> AsyncGenerator[DenoiseProgress | Latents, None]:
+        """``submit`` that reports as it goes: a ``DenoiseProgress`` after every step, then the ``Latents``.
+        Closing the iterator early drops the job before its next step."""
+        progress: asyncio.Queue[DenoiseProgress] = asyncio.Queue()
+        task = asyncio.ensure_future(self.submit(stage, params, embeddings, progress.put_nowait, preview))
+        try:
+            while not task.done() or not progress.empty():
+                getter = asyncio.ensure_future(progress.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            yield task.result()
+        finally:
+            task.cancel()  # a no-op once finished; otherwise the job leaves the batch
 
     def _next_batch(self) -> list[_Pending]:
         self._running = [p for p in self._running if not p.job.cancelled and not p.future.done()]

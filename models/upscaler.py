@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -406,14 +406,31 @@ def _tile_weights(starts: list[int], tile: int, scale: int, device: torch.device
     return weights
 
 
+class UpscaleCancelled(Exception):
+    """The caller gave up: the upscale stopped between two forward passes."""
+
+
+def _check(should_stop: Callable[[], bool] | None) -> None:
+    if should_stop is not None and should_stop():
+        raise UpscaleCancelled()
+
+
 def _upscale_once(
-    model: nn.Module, image: torch.Tensor, scale: int, tile: int, overlap: int, max_tile_batch: int
+    model: nn.Module,
+    image: torch.Tensor,
+    scale: int,
+    tile: int,
+    overlap: int,
+    max_tile_batch: int,
+    should_stop: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
     n, _, height, width = image.shape
     if height <= tile and width <= tile:
-        return torch.cat(
-            [_forward(model, image[i : i + max_tile_batch], scale).float() for i in range(0, n, max_tile_batch)]
-        )
+        parts = []
+        for i in range(0, n, max_tile_batch):
+            _check(should_stop)
+            parts.append(_forward(model, image[i : i + max_tile_batch], scale).float())
+        return torch.cat(parts)
     tile_h, tile_w = min(tile, height), min(tile, width)
     rows, cols = _tile_starts(height, tile_h, overlap), _tile_starts(width, tile_w, overlap)
     row_weights = _tile_weights(rows, tile_h, scale, image.device)
@@ -423,6 +440,7 @@ def _upscale_once(
     total = torch.zeros(height * scale, width * scale, device=image.device)
     tiles = [(b, i, j) for b in range(n) for i in range(len(rows)) for j in range(len(cols))]
     for start in range(0, len(tiles), max_tile_batch):
+        _check(should_stop)  # between forward passes: a cancelled request frees the compute thread early
         chunk = tiles[start : start + max_tile_batch]
         batch = torch.stack([image[b, :, rows[i] : rows[i] + tile_h, cols[j] : cols[j] + tile_w] for b, i, j in chunk])
         result = _forward(model, batch, scale).float()
@@ -447,13 +465,15 @@ def upscale_tensor(
     overlap: int = 16,
     max_tile_batch: int = 4,
     min_tile: int = MIN_TILE,
+    should_stop: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
     """Run an upscaler over (n, c, h, w) images of any size; returns fp32 (n, c, h*scale, w*scale), unclamped.
 
     ``tile`` and ``overlap`` are input px. Images no larger than a tile run whole; larger ones run in equal
     overlapping tiles (sharing at least ``overlap``), up to ``max_tile_batch`` per forward, crossfaded linearly
     over the middle of each overlap (``_crossfade``). On a CUDA OOM the tile halves and the whole call reruns,
-    down to ``min_tile``; then the error propagates. The result is on the model's device.
+    down to ``min_tile``; then the error propagates. The result is on the model's device. ``should_stop`` is
+    asked before every forward pass; when it says so, ``UpscaleCancelled`` is raised.
     """
     if tile < 1 or not 0 <= overlap < tile or max_tile_batch < 1:
         raise ValueError(
@@ -464,7 +484,7 @@ def upscale_tensor(
     while True:
         try:
             # A halved tile keeps the overlap below half its side, so tiles still advance by half a tile or more.
-            return _upscale_once(model, image, scale, tile, min(overlap, tile // 2), max_tile_batch)
+            return _upscale_once(model, image, scale, tile, min(overlap, tile // 2), max_tile_batch, should_stop)
         except torch.cuda.OutOfMemoryError:
             if tile // 2 < min_tile:
                 raise
@@ -515,8 +535,17 @@ class UpscalerStage:
         return {"upscaler": type(self.model).__name__}
 
     @torch.inference_mode()
-    def upscale(self, pixels: np.ndarray, factor: float) -> np.ndarray:
+    def upscale(
+        self,
+        pixels: np.ndarray,
+        factor: float,
+        should_stop: Callable[[], bool] | None = None,
+        skip: Sequence[bool] = (),
+    ) -> np.ndarray:
         """uint8 (n, h, w, 3) -> uint8 (n, round(h * factor), round(w * factor), 3).
+
+        ``should_stop``: asked before every forward pass (``UpscaleCancelled`` when it says so). ``skip``: images
+        not to upscale (withheld by the safety check); they come back black at the target size.
 
         Like A1111, the model runs as many times as it takes to reach the target size (a x4 model runs twice
         for 8x, once for 2.5x), then PIL's Lanczos resizes to the exact target; at the native factor the model
@@ -526,8 +555,14 @@ class UpscalerStage:
             raise ValueError(f"expected uint8 pixels shaped (n, h, w, 3), got {pixels.dtype} {pixels.shape}")
         if not 1 < factor <= MAX_UPSCALE_FACTOR:
             raise StageInputError(f"upscale factor must be > 1 and <= {MAX_UPSCALE_FACTOR:g}, got {factor:g}", "factor")
-        _, height, width, _ = pixels.shape
+        n, height, width, _ = pixels.shape
         target_h, target_w = round(height * factor), round(width * factor)
+        keep = [i for i in range(n) if not (skip and skip[i])]
+        if len(keep) < n:
+            out = np.zeros((n, target_h, target_w, 3), dtype=np.uint8)
+            if keep:
+                out[keep] = self.upscale(pixels[keep], factor, should_stop)
+            return out
         # Moved as uint8 (4x fewer bytes than float), converted on the device.
         image = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device).permute(0, 3, 1, 2).float() / 255
         passes = 1
@@ -536,7 +571,13 @@ class UpscalerStage:
         for _ in range(passes):
             # Clamped between passes as well: the next pass sees a valid image, as A1111's uint8 round trip does.
             image = upscale_tensor(
-                self.model, image, self.scale, self.tile_size, self.tile_overlap, self.max_tile_batch
+                self.model,
+                image,
+                self.scale,
+                self.tile_size,
+                self.tile_overlap,
+                self.max_tile_batch,
+                should_stop=should_stop,
             ).clamp_(0, 1)
         out = (image * 255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         if out.shape[1:3] == (target_h, target_w):

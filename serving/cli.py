@@ -42,7 +42,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Start the service, generate one image through the OpenAI-compatible endpoint, save it, stop."""
+    """Start the service, generate one image through the OpenAI-compatible endpoint (and, with an upscaler, the
+    same image upscaled x4), save them, stop."""
     import httpx
 
     from serving.local import ensure_default_model, free_port, output_path, start_local, stop_local
@@ -69,6 +70,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"wrote {path} ({result['size']}, model {result['model']}@{result['model_version']}, "
               f"seed {result['seed']}, {result['steps']} steps)")  # fmt: skip
         print(f"generation took {elapsed:.2f} s (service start {startup_s:.1f} s)")
+        upscalers = httpx.get(f"{url}/v1/upscalers", timeout=60).json()["data"]
+        if upscalers:  # the same image again, upscaled x4 by the first upscaler
+            t0 = time.perf_counter()
+            response = httpx.post(f"{url}/v1/images/generations", json={**body, "upscale": {"factor": 4}}, timeout=600)
+            if response.status_code != 200:
+                print(f"upscaled generation failed ({response.status_code}): {response.text}", file=sys.stderr)
+                return 1
+            result = response.json()
+            path = output_path(args.out, result["output_format"].replace("jpeg", "jpg"))
+            path.write_bytes(base64.b64decode(result["data"][0]["b64_json"]))
+            print(f"wrote {path} ({result['size']}, upscaled x4 by {upscalers[0]['id']}) in "
+                  f"{time.perf_counter() - t0:.2f} s")  # fmt: skip
     finally:
         stop_local()
     return 0

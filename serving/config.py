@@ -153,13 +153,18 @@ class StageSpec(DeploymentSpec):
     torch_threads: int | None = Field(
         default=None, ge=1, description="Intra-op CPU threads; unset: the replica's reserved CPUs (Ray's default)."
     )
-    max_batch_size: int = Field(default=8, ge=1, description="Most items the stage computes in one call.")
+
+
+class BatchedStageSpec(StageSpec):
+    """A stage that batches requests across callers (Serve's @serve.batch)."""
+
+    max_batch_size: int = Field(default=8, ge=1, description="Most requests the stage computes in one call.")
     batch_wait_timeout_s: float = Field(
         default=0.005, ge=0, description="How long a batch waits for more requests before it runs."
     )
 
 
-class TextEncoderSpec(StageSpec):
+class TextEncoderSpec(BatchedStageSpec):
     """Text-encoding stage (tokenizer + CLIP)."""
 
     cache_size: int = Field(default=4096, ge=0, description="Embeddings kept in the LRU cache per model.")
@@ -171,6 +176,9 @@ class TextEncoderSpec(StageSpec):
 class DenoiserSpec(StageSpec):
     """Denoising stage (UNet + scheduler loop with step-level batching)."""
 
+    max_batch_size: int = Field(
+        default=8, ge=1, description="Most images in one UNet step (requests join and leave between steps)."
+    )
     cuda_graphs: bool = Field(
         default=True,
         description="On CUDA, replay the UNet from CUDA graphs (one per padded batch shape) instead of launching "
@@ -178,7 +186,7 @@ class DenoiserSpec(StageSpec):
     )
 
 
-class DecoderSpec(StageSpec):
+class DecoderSpec(BatchedStageSpec):
     """Decoding stage (VAE + image encoding)."""
 
     tile_above_pixels: int = Field(

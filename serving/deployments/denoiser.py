@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,7 +21,9 @@ class DenoiserDeployment(StageReplica):
         from models.denoiser import StepBatcher
 
         super().__init__(config)
-        self.batcher = StepBatcher(self.executor, max_batch_size=self.spec.max_batch_size, on_step=self._record_step)
+        self.batcher = StepBatcher(
+            self.executor, max_batch_size=self.config.denoiser.max_batch_size, on_step=self._record_step
+        )
 
     @staticmethod
     def stage_options(config: AppConfig) -> dict[str, Any]:
@@ -51,20 +53,12 @@ class DenoiserDeployment(StageReplica):
         """
         params = self.pinned(params, await self.resolve(params.model, params.ref))
         stage = self.runtime.get(params.model, params.ref)
-        progress: asyncio.Queue[DenoiseProgress] = asyncio.Queue()
+        # Closed at once when the caller cancels the stream (not whenever it is garbage-collected), so the job
+        # leaves the batch before its next step.
         with self.metrics.request():
-            task = asyncio.ensure_future(self.batcher.submit(stage, params, embeddings, progress.put_nowait, preview))
-            try:
-                while not task.done() or not progress.empty():
-                    getter = asyncio.ensure_future(progress.get())
-                    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                    if getter.done():
-                        yield getter.result()
-                    else:
-                        getter.cancel()
-                yield task.result()
-            finally:
-                task.cancel()  # a no-op once finished; otherwise the batcher drops the job
+            async with contextlib.aclosing(self.batcher.stream(stage, params, embeddings, preview)) as items:
+                async for item in items:
+                    yield item
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()

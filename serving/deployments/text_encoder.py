@@ -18,8 +18,9 @@ class TextEncoderDeployment(StageReplica):
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
         batcher: Any = self._batch  # serve.batch adds these setters at runtime
-        batcher.set_max_batch_size(self.spec.max_batch_size)
-        batcher.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+        spec = self.config.text_encoder
+        batcher.set_max_batch_size(spec.max_batch_size)
+        batcher.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
 
     @staticmethod
     def stage_options(config: AppConfig) -> dict[str, Any]:

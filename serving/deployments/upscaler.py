@@ -7,6 +7,8 @@ or the encoded files when it ends the plan.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from typing import TYPE_CHECKING, Any
 
 from ray import serve
@@ -37,9 +39,10 @@ class UpscalerDeployment(StageReplica):
         spec = config.upscaler
         return {"tile_size": spec.tile_size, "tile_overlap": spec.tile_overlap, "max_tile_batch": spec.max_batch_size}
 
-    def _upscale(self, stage: Any, pixels: Pixels, factor: float) -> Pixels:
+    def _upscale(self, stage: Any, pixels: Pixels, factor: float, stop: threading.Event) -> Pixels:
         self.metrics.observe_batch(len(pixels.array))
-        return Pixels(stage.upscale(pixels.array, factor), pixels.model_version, pixels.flagged, pixels.withheld)
+        array = stage.upscale(pixels.array, factor, stop.is_set, skip=pixels.withheld)  # withheld: not upscaled
+        return Pixels(array, pixels.model_version, pixels.flagged, pixels.withheld)
 
     async def upscale(
         self, pixels: Pixels, params: UpscaleParams, output: DecodeParams | None = None
@@ -47,7 +50,14 @@ class UpscalerDeployment(StageReplica):
         """Upscale a request's images by ``params.factor``; encode them when this call ends the plan."""
         ref = await self.resolve(params.upscaler, params.ref)
         stage = self.runtime.get(params.upscaler, ref)
+        # Cancelling this call does not stop the compute thread by itself: the event makes the upscale stop
+        # before its next forward pass, so a request that went away frees the replica early.
+        stop = threading.Event()
         with self.metrics.request():
-            upscaled: Pixels = await self.run_compute(self._upscale, stage, pixels, params.factor)
+            try:
+                upscaled: Pixels = await self.run_compute(self._upscale, stage, pixels, params.factor, stop)
+            except asyncio.CancelledError:
+                stop.set()
+                raise
             result: Pixels | EncodedImages = await self.run_compute(finish, upscaled, output)
             return result

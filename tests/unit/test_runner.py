@@ -8,6 +8,7 @@ loss behave as the service promises.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -70,16 +71,9 @@ class Denoiser:
         return await self.batcher.submit(self.stage, params, embeddings)
 
     async def denoise_stream(self, embeddings: PromptEmbeddings, params: Any, preview: bool) -> AsyncIterator[Any]:
-        queue: asyncio.Queue[DenoiseProgress] = asyncio.Queue()
-        task = asyncio.ensure_future(self.batcher.submit(self.stage, params, embeddings, queue.put_nowait, preview))
-        while not task.done() or not queue.empty():
-            getter = asyncio.ensure_future(queue.get())
-            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                yield getter.result()
-            else:
-                getter.cancel()
-        yield task.result()
+        async with contextlib.aclosing(self.batcher.stream(self.stage, params, embeddings, preview)) as items:
+            async for item in items:
+                yield item
 
 
 class Decoder:

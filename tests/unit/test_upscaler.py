@@ -21,6 +21,7 @@ from models.upscaler import (
     PUBLISHED_LAYOUTS,
     RRDBNet,
     SRVGGNetCompact,
+    UpscaleCancelled,
     UpscalerStage,
     _tile_starts,
     _tile_weights,
@@ -354,3 +355,26 @@ def test_half_precision(artifacts: dict[str, Path], device: str, dtype: torch.dt
     assert next(half.model.parameters()).dtype == dtype
     difference = np.abs(half.upscale(pixels, 4).astype(int) - reference)
     assert difference.max() <= bounds[0] and difference.mean() <= bounds[1], (difference.max(), difference.mean())
+
+
+def test_a_cancelled_upscale_stops_between_forward_passes(
+    artifacts: dict[str, Path], forward_inputs: Callable[[UpscalerStage], list[tuple[int, ...]]]
+) -> None:
+    tiled_stage = stage(artifacts["RealESRGAN_x4plus"], tile_size=32, tile_overlap=8, max_tile_batch=4)
+    inputs = forward_inputs(tiled_stage)
+    with pytest.raises(UpscaleCancelled):
+        tiled_stage.upscale(smooth_pixels(2, 72, 80), 4, should_stop=lambda: len(inputs) >= 2)
+    assert len(inputs) == 2  # of the 5 forward passes the whole upscale needs
+
+
+def test_skipped_images_are_not_upscaled(
+    artifacts: dict[str, Path], forward_inputs: Callable[[UpscalerStage], list[tuple[int, ...]]]
+) -> None:
+    upscaler = stage(artifacts["RealESRGAN_x4plus"])
+    pixels = smooth_pixels(3, 24, 16)
+    alone = upscaler.upscale(pixels[1:2], 4)
+    inputs = forward_inputs(upscaler)
+    out = upscaler.upscale(pixels, 4, skip=(True, False, True))
+    assert out.shape == (3, 96, 64, 3) and not out[0].any() and not out[2].any()
+    assert np.array_equal(out[1], alone[0])
+    assert [shape[0] for shape in inputs] == [1]  # one image went through the network
