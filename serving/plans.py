@@ -5,7 +5,8 @@ encoding, denoising and VAE decoding; after that each post-processing stage of t
 a ``plan_step`` adds its call when the request asks for it (upscaling, the safety check). Pixels stay pixels
 between post-processing calls: only the plan's last call encodes the image files (``output``).
 
-Plain Python, no Ray: unit tests build plans and run them with in-process stage clients.
+Plain Python, no Ray cluster (a plan step lives beside its deployment, so its module imports ray.serve, but
+nothing starts): unit tests build plans and run them with in-process stage clients.
 """
 
 from __future__ import annotations

@@ -236,3 +236,23 @@ def test_a_plan_passes_each_output_to_the_next_call() -> None:
         )
     )
     assert asyncio.run(runner({"a": Add(), "b": Double()}).run(plan)) == (6, DecodeParams("jpeg", 80))
+
+
+def test_post_processing_steps_follow_the_stage_table_and_only_the_last_encodes() -> None:
+    from dataclasses import replace
+
+    from models.contracts import SafetyParams, UpscaleParams
+    from serving.plans import plan_postprocess
+
+    req = replace(REQ, upscale=UpscaleParams("x4", 4.0), safety=SafetyParams("checker", "block"))
+    plan = plan_generation(req)
+    assert plan.stages == ("text_encoder", "denoiser", "decoder", "safety", "upscaler")
+    assert [call.output for call in plan.calls] == [None] * 4 + [DecodeParams("png", None)]
+    assert plan.calls[3].args == (SafetyParams("checker", "block"),)
+    assert plan.calls[4].args == (UpscaleParams("x4", 4.0),)
+
+    uploaded = plan_postprocess(replace(req, safety=None), pixels := object())
+    assert uploaded.stages == ("upscaler",) and uploaded.input is pixels
+    assert uploaded.calls[0].arguments(pixels) == (pixels, UpscaleParams("x4", 4.0), DecodeParams("png", None))
+    with pytest.raises(ValueError):
+        plan_postprocess(REQ, object())  # nothing to do
