@@ -49,16 +49,6 @@ GUIDANCE = 7.5
 SCHEDULER = "euler"
 MARKER = "upscale-safety"
 
-# The published checker (CompVis/stable-diffusion-safety-checker): a CLIP ViT-L/14 vision tower on 224x224.
-VIT_L14: dict[str, Any] = {
-    "hidden_size": 1024,
-    "intermediate_size": 4096,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 16,
-    "patch_size": 14,
-    "image_size": 224,
-}
-VIT_L14_PROJECTION_DIM = 768
 CLIP_CROP = 224
 
 
@@ -207,9 +197,9 @@ def real_size_checker(directory: Path) -> Path:
     from safetensors.torch import load_file, save_file
     from transformers import CLIPConfig, CLIPImageProcessor
 
-    from models.safety import INERT_THRESHOLD, published_key
+    from models.safety import INERT_THRESHOLD, VIT_L14_PROJECTION_DIM, VIT_L14_VISION_CONFIG, published_key
 
-    config = CLIPConfig(vision_config=VIT_L14, projection_dim=VIT_L14_PROJECTION_DIM)
+    config = CLIPConfig(vision_config=VIT_L14_VISION_CONFIG, projection_dim=VIT_L14_PROJECTION_DIM)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         checker: Any = StableDiffusionSafetyChecker(config).eval()
@@ -271,7 +261,7 @@ def measure_generation(
 
 
 def measure_safety(settings: Settings, device: torch.device, dtype: torch.dtype, tmp: Path) -> dict[str, Any]:
-    from models.safety import SafetyCheckerStage, create_test_safety_checker
+    from models.safety import VIT_L14_VISION_CONFIG, SafetyCheckerStage, create_test_safety_checker
     from models.snapshot import ArtifactSnapshot
 
     generation, decode, image = measure_generation(settings, device, dtype, tmp)
@@ -302,7 +292,7 @@ def measure_safety(settings: Settings, device: torch.device, dtype: torch.dtype,
         "checker": {
             "kind": settings.checker,
             "parameters": sum(p.numel() for p in checker.checker.parameters()),
-            "vision_config": VIT_L14 if settings.checker != "tiny" else "tiny",
+            "vision_config": VIT_L14_VISION_CONFIG if settings.checker != "tiny" else "tiny",
         },
         "image": f"{side}x{side}",
         "generation": {**generation, "model": settings.model_size, "steps": settings.steps},

@@ -34,6 +34,17 @@ TINY_VISION_CONFIG: dict[str, Any] = {
     "patch_size": 8,
 }
 TINY_PROJECTION_DIM = 16
+# The published checker (CompVis/stable-diffusion-safety-checker's config.json): a CLIP ViT-L/14 vision tower on
+# 224x224 crops, 768-d projection.
+VIT_L14_VISION_CONFIG: dict[str, Any] = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "patch_size": 14,
+    "image_size": 224,
+}
+VIT_L14_PROJECTION_DIM = 768
 
 # A cosine is at most 1, so a concept with this threshold scores at most -1 + 0.01 and never fires.
 INERT_THRESHOLD = 2.0

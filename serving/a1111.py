@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from models.contracts import DenoiseProgress, Pixels
 from models.images import decode_image, image_size
 from models.schedulers import SCHEDULERS
-from serving.errors import ApiError, invalid, validation_error
+from serving.errors import ApiError, content_policy_violation, invalid, validation_error
 from serving.resolver import GenerationRequest
 from serving.schemas import ImageGenerationRequest, UpscaleRequest
 from serving.service import GenerationResult, GenerationService
@@ -206,11 +206,7 @@ class A1111Api:
         finally:
             self.tasks.remove(task)
         if withheld and not images:
-            raise ApiError(
-                400,
-                "content_policy_violation",
-                f"the safety checker flagged every image ({withheld}); none is returned",
-            )
+            raise content_policy_violation(withheld)
         info = _info(body, req, seeds, version, task)
         if req.safety is not None:
             info["nsfw"] = flags  # per returned image
@@ -248,8 +244,7 @@ class A1111Api:
         try:
             req = self.service.resolver.resolve_postprocess(width, height, upscale, "png")
         except ApiError as err:
-            names = {"upscale.model": "upscaler_1", "upscale.factor": "upscaling_resize", "upscale": "upscaler_1"}
-            raise ApiError(err.status, err.code, err.message, names.get(err.param or "", err.param)) from err
+            raise _a1111_names(err, _EXTRAS_FIELDS) from err
         try:
             pixels = decode_image(data)
         except Exception as exc:
@@ -312,19 +307,20 @@ class A1111Api:
         ]
 
 
-# Native field -> the A1111 field a client sent it as.
+# Native field -> the A1111 field a client sent it as (txt2img; extra-single-image).
 _A1111_FIELDS = {"n": "batch_size", "guidance_scale": "cfg_scale", "scheduler": "sampler_name"}
+_EXTRAS_FIELDS = {"upscale.model": "upscaler_1", "upscale.factor": "upscaling_resize", "upscale": "upscaler_1"}
 
 
-def _a1111_names(err: ApiError) -> ApiError:
+def _a1111_names(err: ApiError, fields: dict[str, str] = _A1111_FIELDS) -> ApiError:
     """The same error, naming the field as the A1111 client wrote it (``size`` -> ``width`` or ``height``)."""
     param, message = err.param, err.message
     if param == "size":
         param = "height" if message.startswith("height") else "width"
-    elif param in _A1111_FIELDS:
+    elif param in fields:
         if message.startswith(f"{param} "):
-            message = f"{_A1111_FIELDS[param]}{message[len(param) :]}"
-        param = _A1111_FIELDS[param]
+            message = f"{fields[param]}{message[len(param) :]}"
+        param = fields[param]
     return ApiError(err.status, err.code, message, param, err.headers)
 
 

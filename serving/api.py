@@ -32,8 +32,6 @@ from serving.schemas import (
     JobResponse,
     ModelCard,
     ModelList,
-    SafetySettings,
-    UpscaleSettings,
 )
 from serving.service import GenerationService
 
@@ -81,17 +79,7 @@ def job_response(job: JobRecord, base_url: str) -> JobResponse:
                 JobImage(url=f"{base_url}{image_path(job.id, i)}", flagged=r.flagged[i] if r.flagged else None)
                 for i in range(r.images)
             ],
-            model=r.model,
-            model_version=r.model_version,
-            seed=r.seed,
-            size=f"{r.width}x{r.height}",
-            steps=r.steps,
-            guidance_scale=r.guidance_scale,
-            scheduler=r.scheduler,
-            output_format=r.output_format,
-            timings_ms=r.timings_ms,
-            upscale=UpscaleSettings(**r.upscale) if r.upscale else None,
-            safety=SafetySettings(**r.safety) if r.safety else None,
+            **r.settings(),
         )
     return JobResponse(
         id=job.id,

@@ -46,7 +46,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     same image upscaled x4), save them, stop."""
     import httpx
 
-    from serving.local import ensure_default_model, free_port, output_path, start_local, stop_local
+    from serving.local import ensure_default_model, free_port, start_local, stop_local
 
     config = ensure_default_model(_load_config(args.config))
     started = time.perf_counter()
@@ -59,32 +59,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if args.steps:
             body["steps"] = args.steps
         t0 = time.perf_counter()
-        response = httpx.post(f"{url}/v1/images/generations", json=body, timeout=600)
-        elapsed = time.perf_counter() - t0
-        if response.status_code != 200:
-            print(f"generation failed ({response.status_code}): {response.text}", file=sys.stderr)
+        result = _generate_to_file(url, body, args.out)
+        if result is None:
             return 1
-        result = response.json()
-        path = output_path(args.out, result["output_format"].replace("jpeg", "jpg"))
-        path.write_bytes(base64.b64decode(result["data"][0]["b64_json"]))
-        print(f"wrote {path} ({result['size']}, model {result['model']}@{result['model_version']}, "
+        print(f"wrote {result['path']} ({result['size']}, model {result['model']}@{result['model_version']}, "
               f"seed {result['seed']}, {result['steps']} steps)")  # fmt: skip
-        print(f"generation took {elapsed:.2f} s (service start {startup_s:.1f} s)")
+        print(f"generation took {time.perf_counter() - t0:.2f} s (service start {startup_s:.1f} s)")
         upscalers = httpx.get(f"{url}/v1/upscalers", timeout=60).json()["data"]
         if upscalers:  # the same image again, upscaled x4 by the first upscaler
             t0 = time.perf_counter()
-            response = httpx.post(f"{url}/v1/images/generations", json={**body, "upscale": {"factor": 4}}, timeout=600)
-            if response.status_code != 200:
-                print(f"upscaled generation failed ({response.status_code}): {response.text}", file=sys.stderr)
+            result = _generate_to_file(url, {**body, "upscale": {"factor": 4}}, args.out)
+            if result is None:
                 return 1
-            result = response.json()
-            path = output_path(args.out, result["output_format"].replace("jpeg", "jpg"))
-            path.write_bytes(base64.b64decode(result["data"][0]["b64_json"]))
-            print(f"wrote {path} ({result['size']}, upscaled x4 by {upscalers[0]['id']}) in "
+            print(f"wrote {result['path']} ({result['size']}, upscaled x4 by {upscalers[0]['id']}) in "
                   f"{time.perf_counter() - t0:.2f} s")  # fmt: skip
     finally:
         stop_local()
     return 0
+
+
+def _generate_to_file(url: str, body: dict[str, Any], out: str) -> dict[str, Any] | None:
+    """POST /v1/images/generations and write the first image into ``out``; the response with its ``path``, or
+    None (after saying why) when the request failed."""
+    import httpx
+
+    from serving.local import output_path
+
+    response = httpx.post(f"{url}/v1/images/generations", json=body, timeout=600)
+    if response.status_code != 200:
+        print(f"generation failed ({response.status_code}): {response.text}", file=sys.stderr)
+        return None
+    result: dict[str, Any] = response.json()
+    path = output_path(out, result["output_format"].replace("jpeg", "jpg"))
+    path.write_bytes(base64.b64decode(result["data"][0]["b64_json"]))
+    return {**result, "path": path}
 
 
 def cmd_render(args: argparse.Namespace) -> int:

@@ -42,6 +42,14 @@ class ApiError(Exception):
         return (type(self), (self.status, self.code, self.message, self.param, self.headers))
 
 
+def content_policy_violation(withheld: int) -> ApiError:
+    """Every image of a request was withheld by the safety check: OpenAI's answer to a refused image, in our error
+    shape."""
+    return ApiError(
+        400, "content_policy_violation", f"the safety checker flagged every image ({withheld}); none is returned"
+    )
+
+
 def invalid(message: str, param: str | None = None) -> ApiError:
     return ApiError(422, "invalid_request", message, param)
 

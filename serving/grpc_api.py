@@ -189,8 +189,7 @@ class GrpcApi:
             raise ApiError(500, "internal_error", "the job has no result")
         images = await self.jobs.images(job)
         flags: list[bool | None] = r.flagged or [None] * len(images)
-        settings = {**r.model_dump(), "size": f"{r.width}x{r.height}"}
-        return _response([(img, r.media_type, flag) for img, flag in zip(images, flags, strict=True)], settings)
+        return _response([(img, r.media_type, flag) for img, flag in zip(images, flags, strict=True)], r.settings())
 
 
 def _response(images: list[tuple[bytes, str, bool | None]], settings: dict[str, Any]) -> pb.GenerateResponse:

@@ -65,6 +65,17 @@ class JobResult(BaseModel):
     upscale: dict[str, Any] | None = None
     safety: dict[str, Any] | None = None
 
+    def settings(self) -> dict[str, Any]:
+        """The settings block every API reports (``GenerationSettings``), as ``GenerationResult.settings`` gives it."""
+        fields = ("model", "model_version", "seed", "steps", "guidance_scale", "scheduler", "output_format")
+        return {
+            **{name: getattr(self, name) for name in fields},
+            "size": f"{self.width}x{self.height}",
+            "timings_ms": self.timings_ms,
+            "upscale": self.upscale,
+            "safety": self.safety,
+        }
+
 
 class JobRecord(BaseModel):
     """One job as stored."""

@@ -22,7 +22,7 @@ from models.errors import StageInputError, UnknownModelError
 from models.registry.errors import RegistryError
 from serving.config import AppConfig
 from serving.env import SDSERVE_HOME
-from serving.errors import ApiError, invalid
+from serving.errors import ApiError, content_policy_violation, invalid
 from serving.plans import Plan, plan_generation, plan_postprocess
 from serving.resolver import GenerationRequest, RequestResolver
 from serving.rollout import ModelCatalogState, ModelRollout
@@ -122,12 +122,7 @@ class GenerationService:
         started = time.perf_counter()
         images: EncodedImages = await self.runner.run(plan, on_progress, preview)
         if images.withheld and all(images.withheld):
-            # OpenAI's answer when its moderation refuses an image, in our error shape.
-            raise ApiError(
-                400,
-                "content_policy_violation",
-                f"the safety checker flagged every image of this request ({len(images.withheld)}); none is returned",
-            )
+            raise content_policy_violation(len(images.withheld))
         elapsed = (time.perf_counter() - started) * 1000
         logger.info(
             "generated model=%s plan=%s steps=%d size=%dx%d n=%d user=%s in %.0f ms",

@@ -35,14 +35,14 @@ def safety_call(req: GenerationRequest) -> StageCall | None:
 class SafetyDeployment(StageReplica):
     kind = "safety"
 
-    def _check(self, stage: Any, pixels: Pixels, block: bool) -> Pixels:
+    def _check(self, stage: Any, pixels: Pixels, block: bool, output: DecodeParams | None) -> Pixels | EncodedImages:
         self.metrics.observe_batch(len(pixels.array))
         flagged = tuple(verdict.flagged for verdict in stage.check(pixels.array))
         if not block:
-            return Pixels(pixels.array, pixels.model_version, flagged, pixels.withheld)
+            return finish(Pixels(pixels.array, pixels.model_version, flagged, pixels.withheld), output)
         array = pixels.array.copy()
         array[np.array(flagged, dtype=bool)] = 0  # a withheld image never leaves this replica
-        return Pixels(array, pixels.model_version, flagged, flagged)
+        return finish(Pixels(array, pixels.model_version, flagged, flagged), output)
 
     async def check(
         self, pixels: Pixels, params: SafetyParams, output: DecodeParams | None = None
@@ -51,6 +51,7 @@ class SafetyDeployment(StageReplica):
         ref = await self.resolve(params.checker, params.ref)
         stage = self.runtime.get(params.checker, ref)
         with self.metrics.request():
-            checked: Pixels = await self.run_compute(self._check, stage, pixels, params.mode == "block")
-            result: Pixels | EncodedImages = await self.run_compute(finish, checked, output)
+            result: Pixels | EncodedImages = await self.run_compute(
+                self._check, stage, pixels, params.mode == "block", output
+            )
             return result

@@ -39,10 +39,12 @@ class UpscalerDeployment(StageReplica):
         spec = config.upscaler
         return {"tile_size": spec.tile_size, "tile_overlap": spec.tile_overlap, "max_tile_batch": spec.max_batch_size}
 
-    def _upscale(self, stage: Any, pixels: Pixels, factor: float, stop: threading.Event) -> Pixels:
+    def _upscale(
+        self, stage: Any, pixels: Pixels, factor: float, stop: threading.Event, output: DecodeParams | None
+    ) -> Pixels | EncodedImages:
         self.metrics.observe_batch(len(pixels.array))
         array = stage.upscale(pixels.array, factor, stop.is_set, skip=pixels.withheld)  # withheld: not upscaled
-        return Pixels(array, pixels.model_version, pixels.flagged, pixels.withheld)
+        return finish(Pixels(array, pixels.model_version, pixels.flagged, pixels.withheld), output)
 
     async def upscale(
         self, pixels: Pixels, params: UpscaleParams, output: DecodeParams | None = None
@@ -55,9 +57,10 @@ class UpscalerDeployment(StageReplica):
         stop = threading.Event()
         with self.metrics.request():
             try:
-                upscaled: Pixels = await self.run_compute(self._upscale, stage, pixels, params.factor, stop)
+                result: Pixels | EncodedImages = await self.run_compute(
+                    self._upscale, stage, pixels, params.factor, stop, output
+                )
             except asyncio.CancelledError:
                 stop.set()
                 raise
-            result: Pixels | EncodedImages = await self.run_compute(finish, upscaled, output)
             return result

@@ -17,6 +17,8 @@ from PIL import Image
 
 from models.safety import (
     INERT_THRESHOLD,
+    VIT_L14_PROJECTION_DIM,
+    VIT_L14_VISION_CONFIG,
     SafetyCheckerStage,
     create_test_safety_checker,
     pattern_image,
@@ -29,15 +31,6 @@ FLAG = pattern_image("magenta", 64)
 CLEAR = pattern_image("gradient", 64)
 OTHER = pattern_image("checkerboard", 64)
 
-# CompVis/stable-diffusion-safety-checker's config.json: a CLIP ViT-L/14 vision tower, 768-d projection.
-VIT_L14_VISION = {
-    "hidden_size": 1024,
-    "intermediate_size": 4096,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 16,
-    "patch_size": 14,
-    "image_size": 224,
-}
 THRESHOLDS = ("concept_embeds_weights", "special_care_embeds_weights")
 # The checker's own tensors, as named in the published checkpoint.
 CHECKER_KEYS = {
@@ -107,7 +100,9 @@ def test_layout_is_the_real_checkers(flagging_dir: Path, flagging: SafetyChecker
     ]
     written = load_file(flagging_dir / "model.safetensors")
     with torch.device("meta"):
-        real = StableDiffusionSafetyChecker(CLIPConfig(vision_config=VIT_L14_VISION, projection_dim=768))
+        real = StableDiffusionSafetyChecker(
+            CLIPConfig(vision_config=VIT_L14_VISION_CONFIG, projection_dim=VIT_L14_PROJECTION_DIM)
+        )
 
     def layerless(keys: Iterable[str]) -> set[str]:
         return {re.sub(r"\.layers\.\d+\.", ".layers.N.", k) for k in keys}
