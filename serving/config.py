@@ -270,6 +270,17 @@ class LimitsSpec(_Strict):
         description="Most pixels (width x height) of one returned image, after upscaling.",
     )
     max_upscale_factor: float = Field(default=4.0, gt=1, le=8, description="Largest `upscale.factor`.")
+    max_upload_bytes: int = Field(
+        default=6 * 1024 * 1024,
+        ge=1024,
+        description="Largest uploaded image file (init image, mask) in bytes, before decoding.",
+    )
+    max_upload_pixels: int = Field(
+        default=4096 * 4096,
+        ge=64 * 64,
+        description="Most pixels an uploaded image may declare; a larger one (a decompression bomb) is refused "
+        "before it is decompressed.",
+    )
     max_body_bytes: int = Field(
         default=8 * 1024 * 1024,
         ge=1024,

@@ -18,7 +18,7 @@ class DenoiserDeployment(StageReplica):
     kind = "denoiser"
 
     def __init__(self, config: dict[str, Any]) -> None:
-        from models.denoiser import StepBatcher
+        from models.stepbatcher import StepBatcher
 
         super().__init__(config)
         self.batcher = StepBatcher(

@@ -20,10 +20,11 @@ from ray.exceptions import ActorDiedError
 
 from models.contracts import DecodeParams, DenoiseProgress, EncodedImages, Latents, Pixels, PromptEmbeddings
 from models.decoder import DecoderStage
-from models.denoiser import DenoiserStage, StepBatcher
+from models.denoiser import DenoiserStage
 from models.errors import UnknownModelError
 from models.images import encode_image
 from models.snapshot import open_snapshot
+from models.stepbatcher import StepBatcher
 from models.text_encoder import TextEncoderStage
 from serving.config import LimitsSpec
 from serving.errors import ApiError

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from models.contracts import DenoiseParams, EncodeRequest
-from models.denoiser import DenoiserStage, StepBatcher
+from models.denoiser import DenoiserStage
 from models.snapshot import open_snapshot
+from models.stepbatcher import StepBatcher
 from models.text_encoder import TextEncoderStage
 
 CPU = torch.device("cpu")
