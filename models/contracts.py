@@ -50,6 +50,39 @@ class DenoiseParams:
     seed: int
     num_images: int = 1
     ref: str = ""  # pinned model reference to use; empty: the replica's active version of `model`
+    # With an init image: the share of the schedule that runs (diffusers' img2img / inpaint `strength`:
+    # int(steps * strength) steps run, starting from the init latents noised to that point).
+    strength: float = 1.0
+
+
+@dataclass(frozen=True)
+class ImageEncodeParams:
+    """Input of the VAE stage's ``encode_image``: which model's VAE, and the inpainting mask if any."""
+
+    model: str
+    ref: str = ""
+    mask: np.ndarray | None = None  # (H, W) float32 in [0, 1] at the image's size, 1 = repaint; binarised at 0.5
+
+
+@dataclass(frozen=True)
+class ImageLatents:
+    """Output of the VAE stage's ``encode_image``: the latent distribution of an init image (and for inpainting
+    that of the masked image, and the mask at latent size).
+
+    The distributions are sampled in the denoiser, with the request's one seeded generator, in the order
+    diffusers draws from it (image latents, then the noise, then the masked image's latents), so a seed gives
+    the reference pipeline's image even though encoding and denoising run on different replicas.
+    """
+
+    model: str
+    model_version: str
+    mean: torch.Tensor  # (1, C, h, w), before the family's scaling factor
+    std: torch.Tensor
+    scaling_factor: float
+    mask: torch.Tensor | None = None  # (1, 1, h, w), 0 / 1, nearest-resized as diffusers does
+    masked_mean: torch.Tensor | None = None  # the image with the repainted region blanked, encoded
+    masked_std: torch.Tensor | None = None
+    ref: str = ""
 
 
 @dataclass(frozen=True)

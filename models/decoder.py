@@ -1,11 +1,12 @@
-"""Decoding stage: VAE decode in batches (tiled above a size), then image file encoding."""
+"""The VAE stage: decoding latents in batches (tiled above a size), then image file encoding; and encoding init
+images (img2img, inpainting) into latent distributions."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from models.contracts import DecodeParams, EncodedImages, Latents, Pixels
+from models.contracts import DecodeParams, EncodedImages, ImageEncodeParams, ImageLatents, Latents, Pixels
 from models.images import finish
 from models.snapshot import ModelSnapshot
 
@@ -34,6 +35,7 @@ class DecoderStage:
         self.vae.eval()
         self.scale_factor = snapshot.family.vae_scale_factor
         self.tiled_decodes = 0
+        self.tiled_encodes = 0
 
     @property
     def version(self) -> str:
@@ -80,3 +82,49 @@ class DecoderStage:
             assert images is not None
             results.append(finish(Pixels(images, latents.model_version), output))
         return results
+
+    @torch.inference_mode()
+    def _distribution(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the VAE's latent distribution for images in [-1, 1], shape (n, 3, H, W)."""
+        x = images.to(self.device, self.dtype)
+        if x.shape[-2] * x.shape[-1] > self.tile_above_pixels:
+            dist = self.vae.tiled_encode(x, return_dict=False)[0]
+            self.tiled_encodes += 1
+        else:
+            dist = self.vae.encode(x, return_dict=False)[0]
+        return dist.mean.cpu(), dist.std.cpu()
+
+    def encode_image(self, pixels: Pixels, params: ImageEncodeParams) -> ImageLatents:
+        """Init images (uint8, (n, H, W, 3), H and W multiples of the VAE's scale) -> their latent distributions.
+
+        Preprocessing is diffusers' ``VaeImageProcessor``: [0, 255] -> [-1, 1]; the mask is binarised at 0.5, the
+        masked image is the image with the repainted region set to 0 (grey), and the mask is resized to the
+        latent size with nearest-neighbour interpolation, as ``StableDiffusionInpaintPipeline`` does.
+        """
+        array = pixels.array
+        height, width = array.shape[1:3]
+        if height % self.scale_factor or width % self.scale_factor:
+            raise ValueError(f"image sides must be multiples of {self.scale_factor}, got {width}x{height}")
+        images = torch.from_numpy(array.astype("float32") / 255.0).permute(0, 3, 1, 2)
+        images = 2.0 * images - 1.0
+        mean, std = self._distribution(images)
+        mask = masked_mean = masked_std = None
+        if params.mask is not None:
+            if params.mask.shape != (height, width):
+                raise ValueError(f"mask is {params.mask.shape[::-1]}, the image {width}x{height}")
+            condition = torch.from_numpy((params.mask >= 0.5).astype("float32"))[None, None]
+            masked = images * (condition < 0.5)
+            masked_mean, masked_std = self._distribution(masked)
+            size = (height // self.scale_factor, width // self.scale_factor)
+            mask = torch.nn.functional.interpolate(condition, size=size)
+        return ImageLatents(
+            model=self.name,
+            model_version=self.version,
+            mean=mean,
+            std=std,
+            scaling_factor=float(self.vae.config.scaling_factor),
+            mask=mask,
+            masked_mean=masked_mean,
+            masked_std=masked_std,
+            ref=params.ref,
+        )

@@ -29,7 +29,7 @@ class ModelFamily:
 
 # Keyed by family name; a snapshot's ``model_index.json`` ``_class_name`` selects the row.
 MODEL_FAMILIES: dict[str, ModelFamily] = {
-    "sd1": ModelFamily("sd1", ("StableDiffusionPipeline",)),
+    "sd1": ModelFamily("sd1", ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline")),
 }
 
 

@@ -132,6 +132,7 @@ def create_test_model(
     size: str = "tiny",
     seed: int = 0,
     dtype: str | None = None,
+    inpainting: bool = False,
 ) -> Path:
     """Write a randomly initialised SD1.5-layout model to ``directory`` and return its path.
 
@@ -140,6 +141,8 @@ def create_test_model(
         size: one of ``TEST_MODEL_SIZES``.
         seed: weights are a pure function of (size, seed).
         dtype: weight dtype on disk (``float32`` / ``float16``); the size's default when None.
+        inpainting: the SD1.5 inpainting layout: a UNet with 9 input channels (latents, mask, masked-image
+            latents) and ``StableDiffusionInpaintPipeline`` as the pipeline class.
     """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -176,7 +179,7 @@ def create_test_model(
     torch.manual_seed(seed + 1)
     unet: Any = UNet2DConditionModel(
         sample_size=latent_size,
-        in_channels=4,
+        in_channels=9 if inpainting else 4,
         out_channels=4,
         cross_attention_dim=spec.text["hidden_size"],
         **spec.unet,
@@ -199,7 +202,7 @@ def create_test_model(
     (staging / "scheduler").mkdir()
     (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER_CONFIG, indent=2))
     model_index = {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
         "_diffusers_version": "0.42.1",
         "feature_extractor": [None, None],
         "requires_safety_checker": False,

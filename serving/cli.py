@@ -142,7 +142,9 @@ def cmd_create_test(args: argparse.Namespace) -> int:
     from models.testmodels import create_test_model
 
     t0 = time.perf_counter()
-    path = create_test_model(args.directory, size=args.size, seed=args.seed, dtype=args.dtype)
+    path = create_test_model(
+        args.directory, size=args.size, seed=args.seed, dtype=args.dtype, inpainting=args.inpainting
+    )
     print(f"wrote {args.size} test model (seed {args.seed}) to {path} in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -251,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--size", choices=sorted(TEST_MODEL_SIZES), default="tiny")
     create.add_argument("--seed", type=int, default=0)
     create.add_argument("--dtype", choices=["float32", "float16"], help="weight dtype on disk (default: per size)")
+    create.add_argument(
+        "--inpainting", action="store_true", help="the inpainting layout: a UNet with 9 input channels"
+    )
     create.set_defaults(func=cmd_create_test)
 
     def registry_command(name: str, help: str, func: Any) -> argparse.ArgumentParser:

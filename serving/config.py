@@ -271,7 +271,7 @@ class LimitsSpec(_Strict):
     )
     max_upscale_factor: float = Field(default=4.0, gt=1, le=8, description="Largest `upscale.factor`.")
     max_upload_bytes: int = Field(
-        default=6 * 1024 * 1024,
+        default=4 * 1024 * 1024,
         ge=1024,
         description="Largest uploaded image file (init image, mask) in bytes, before decoding.",
     )
@@ -282,7 +282,7 @@ class LimitsSpec(_Strict):
         "before it is decompressed.",
     )
     max_body_bytes: int = Field(
-        default=8 * 1024 * 1024,
+        default=16 * 1024 * 1024,
         ge=1024,
         description="Largest HTTP request body in bytes; a larger one is refused with 413 before it is read whole.",
     )

@@ -40,7 +40,7 @@ def free_port() -> int:
 
 def ensure_default_model(config: AppConfig) -> AppConfig:
     """With no model configured, serve small random-weight test artifacts (created once), and say so: the tiny
-    test model, a tiny test upscaler unless upscalers are configured, and a tiny test safety checker when
+    test model and its inpainting variant, a tiny test upscaler unless upscalers are configured, and a tiny test safety checker when
     ``safety.mode`` is on without one (so that one setting turns the check on). With real models nothing is
     added (a safety mode without a checker is an error there)."""
     from models.safety import create_test_safety_checker
@@ -59,7 +59,17 @@ def ensure_default_model(config: AppConfig) -> AppConfig:
             "(its images are noise-like; configure `models` to serve real weights)",
             path,
         )
-        data["models"] = [ModelSpec(name="sdserve-tiny", source=str(path), description="tiny random test model")]
+        inpaint = root / "tiny-inpaint-seed0"
+        if not (inpaint / "model_index.json").exists():
+            create_test_model(inpaint, size="tiny", seed=0, inpainting=True)
+        data["models"] = [
+            ModelSpec(name="sdserve-tiny", source=str(path), description="tiny random test model"),
+            ModelSpec(
+                name="sdserve-tiny-inpaint",
+                source=str(inpaint),
+                description="tiny random test model, inpainting layout (9-channel UNet)",
+            ),
+        ]
         data["defaults"]["size"] = f"{resolution}x{resolution}"
     if config.models and config.safety.mode != "off" and not config.safety_checkers:
         # Real models with a safety mode but no checker: fail, rather than check with a random one.

@@ -32,6 +32,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_inpaint_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from models.testmodels import create_test_model
+
+    return create_test_model(tmp_path_factory.mktemp("models") / "tiny-inpaint", size="tiny", seed=0, inpainting=True)
+
+
+@pytest.fixture(scope="session")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A real S3-compatible server (moto) on loopback with a `models` bucket."""
     with s3_server(tmp_path_factory.mktemp("s3")) as server:
