@@ -40,9 +40,9 @@ def free_port() -> int:
 
 def ensure_default_model(config: AppConfig) -> AppConfig:
     """With no model configured, serve small random-weight test artifacts (created once), and say so: the tiny
-    test model and its inpainting variant, a tiny test upscaler unless upscalers are configured, and a tiny test safety checker when
-    ``safety.mode`` is on without one (so that one setting turns the check on). With real models nothing is
-    added (a safety mode without a checker is an error there)."""
+    test model and its inpainting variant, a tiny test upscaler unless upscalers are configured, and a tiny test
+    safety checker when ``safety.mode`` is on without one (so that one setting turns the check on). With real
+    models nothing is added (a safety mode without a checker is an error there)."""
     from models.safety import create_test_safety_checker
     from models.testmodels import TEST_MODEL_SIZES, create_test_model
     from models.upscaler import create_test_upscaler
