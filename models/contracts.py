@@ -62,6 +62,8 @@ class ImageEncodeParams:
     model: str
     ref: str = ""
     mask: np.ndarray | None = None  # (H, W) float32 in [0, 1] at the image's size, 1 = repaint; binarised at 0.5
+    width: int | None = None  # resize the images to this size first (a hires pass after a non-exact upscale)
+    height: int | None = None
 
 
 @dataclass(frozen=True)

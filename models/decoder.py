@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from models.contracts import DecodeParams, EncodedImages, ImageEncodeParams, ImageLatents, Latents, Pixels
-from models.images import finish
+from models.images import finish, resize_images
 from models.snapshot import ModelSnapshot
 
 
@@ -102,6 +102,8 @@ class DecoderStage:
         latent size with nearest-neighbour interpolation, as ``StableDiffusionInpaintPipeline`` does.
         """
         array = pixels.array
+        if params.width and params.height and (params.height, params.width) != array.shape[1:3]:
+            array = resize_images(array, params.width, params.height)
         height, width = array.shape[1:3]
         if height % self.scale_factor or width % self.scale_factor:
             raise ValueError(f"image sides must be multiples of {self.scale_factor}, got {width}x{height}")

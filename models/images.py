@@ -56,3 +56,10 @@ def finish(pixels: Pixels, output: DecodeParams | None) -> Pixels | EncodedImage
         flagged=pixels.flagged,
         withheld=pixels.withheld,
     )
+
+
+def resize_images(array: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(n, H, W, 3) uint8 -> (n, height, width, 3), Lanczos (as diffusers' image processor resizes)."""
+    return np.stack(
+        [np.asarray(Image.fromarray(img).resize((width, height), Image.Resampling.LANCZOS)) for img in array]
+    )

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from models.errors import StageInputError
+from models.images import resize_images
 from models.snapshot import UNSAFE_WEIGHT_SUFFIXES, ArtifactSnapshot, SnapshotError
 
 logger = logging.getLogger(__name__)
@@ -582,8 +582,7 @@ class UpscalerStage:
         out = (image * 255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         if out.shape[1:3] == (target_h, target_w):
             return out
-        resized = [Image.fromarray(img).resize((target_w, target_h), Image.Resampling.LANCZOS) for img in out]
-        return np.stack([np.asarray(img) for img in resized])
+        return resize_images(out, target_w, target_h)
 
 
 # -- random-weight test models --------------------------------------------------------------------------------

@@ -10,15 +10,17 @@ from typing import Any
 
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.convertors import Convertor, register_url_convertor
 
 from models.schedulers import SCHEDULERS
 from serving.a1111 import A1111Api, create_router
-from serving.errors import ApiError, BodySizeLimit, install_error_handlers
+from serving.errors import ApiError, BodySizeLimit, install_error_handlers, invalid, validation_error
 from serving.jobs import JobManager, image_path
 from serving.jobstore import JobRecord
 from serving.metrics import ApiMetrics
 from serving.outputs import IMAGE_ID_PATTERN, MEDIA_TYPES, OutputStore
+from serving.resolver import GenerationRequest
 from serving.schemas import (
     ErrorDetail,
     ErrorResponse,
@@ -34,6 +36,60 @@ from serving.schemas import (
     ModelList,
 )
 from serving.service import GenerationService
+
+# The multipart body of POST /v1/images/edits, for the OpenAPI document.
+_EDIT_FORM: dict[str, Any] = {
+    "type": "object",
+    "required": ["image", "prompt"],
+    "properties": {
+        "image": {"type": "string", "format": "binary", "description": "PNG / JPEG / WebP to edit."},
+        "mask": {"type": "string", "format": "binary", "description": "PNG; transparent pixels mark the edit."},
+        "prompt": {"type": "string"},
+        "n": {"type": "integer"},
+        "size": {"type": "string"},
+        "response_format": {"type": "string", "enum": ["b64_json", "url"]},
+    },
+}
+_FILE_FIELDS = {"image": "image", "image[]": "image", "mask": "mask"}
+
+
+async def read_edit_form(request: Request, max_bytes: int) -> tuple[ImageGenerationRequest, bytes, bytes | None]:
+    """The edit request's fields (form strings converted as JSON would be), its image and its mask."""
+    from starlette.datastructures import UploadFile
+
+    try:
+        form = await request.form(max_files=3, max_fields=64)
+    except Exception as exc:  # not multipart, or malformed
+        raise invalid(f"expected a multipart/form-data body: {exc}") from exc
+    files: dict[str, bytes] = {}
+    fields: dict[str, Any] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            name = _FILE_FIELDS.get(key)
+            if name is None:
+                raise invalid(f"unexpected file field {key!r}", key)
+            if name in files:
+                raise invalid(f"send one `{name}`", name)
+            data = await value.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise ApiError(
+                    422, "invalid_request", f"{name} is over {max_bytes} bytes (limits.max_upload_bytes)", name
+                )
+            files[name] = data
+        else:
+            fields[key] = value
+    await form.close()
+    if "image" not in files:
+        raise invalid("send the image to edit as the `image` file field", "image")
+    for key in ("init_image", "mask"):
+        if key in fields:
+            raise invalid(f"send `{key}` as a file field", key)
+    try:
+        body = ImageGenerationRequest.model_validate(fields, strict=False)
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from exc
+    return body, files["image"], files.get("mask")
+
 
 # Image routes answer with the file itself; the OpenAPI document says so instead of application/json.
 _IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -124,9 +180,34 @@ def create_api(
     def base_url(request: Request) -> str:
         return (config.outputs.public_base_url or str(request.base_url)).rstrip("/")
 
+    def lookup_image(image_id: str) -> bytes | None:
+        found = outputs.get(image_id)
+        return found[0] if found is not None else None
+
+    service.resolver.lookup_image = lookup_image
+
     @app.post("/v1/images/generations", response_model=ImageGenerationResponse, responses=_ERRORS)
     async def generate(body: ImageGenerationRequest, request: Request) -> JSONResponse:
+        """Text to image; with `init_image` image to image, with `mask` too inpainting."""
         req = service.prepare(body)
+        return await respond(body, req, request)
+
+    @app.post(
+        "/v1/images/edits",
+        response_model=ImageGenerationResponse,
+        responses=_ERRORS,
+        openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": _EDIT_FORM}}, "required": True}},
+    )
+    async def edit(request: Request) -> JSONResponse:
+        """OpenAI's image edit (multipart): `image`, optional `mask` whose fully transparent pixels mark the region
+        to edit (without one, the image's own transparent pixels do; an opaque image without a mask is redrawn
+        whole, image to image), `prompt`, `n`, `size`, `response_format`, and the generation endpoint's other
+        flat fields (`negative_prompt`, `steps`, `seed`, `strength`, ...)."""
+        body, image, mask = await read_edit_form(request, config.limits.max_upload_bytes)
+        req = service.prepare(body, image=image, mask=mask, mask_source="alpha")
+        return await respond(body, req, request)
+
+    async def respond(body: ImageGenerationRequest, req: GenerationRequest, request: Request) -> JSONResponse:
         result = await service.generate(req)
         if body.response_format == "url":
             base = base_url(request)

@@ -338,4 +338,7 @@ def _result(result: GenerationResult) -> JobResult:
         flagged=[flag for _, flag in result.delivered],
         upscale=settings["upscale"],
         safety=settings["safety"],
+        strength=settings["strength"],
+        inpainting=settings["inpainting"],
+        hires=settings["hires"],
     )

@@ -64,6 +64,9 @@ class JobResult(BaseModel):
     flagged: list[bool | None] = Field(default_factory=list, description="Safety verdict per stored image.")
     upscale: dict[str, Any] | None = None
     safety: dict[str, Any] | None = None
+    strength: float | None = None
+    inpainting: bool | None = None
+    hires: dict[str, Any] | None = None
 
     def settings(self) -> dict[str, Any]:
         """The settings block every API reports (``GenerationSettings``), as ``GenerationResult.settings`` gives it."""
@@ -74,6 +77,9 @@ class JobResult(BaseModel):
             "timings_ms": self.timings_ms,
             "upscale": self.upscale,
             "safety": self.safety,
+            "strength": self.strength,
+            "inpainting": self.inpainting,
+            "hires": self.hires,
         }
 
 

@@ -1,9 +1,15 @@
 """Plans: the stage calls a request needs, in order, as data.
 
 A resolved request becomes a ``Plan``; ``ChainRunner`` executes any plan. The core of every generation is text
-encoding, denoising and VAE decoding; after that each post-processing stage of the stage table whose row names
+encoding, denoising and VAE decoding; image to image and inpainting start with the VAE stage encoding the init
+image, and the hires fix is text to image, an upscale (of the latents, or of the pixels by an upscaler) and an
+image-to-image pass at the larger size. After that each post-processing stage of the stage table whose row names
 a ``plan_step`` adds its call when the request asks for it (upscaling, the safety check). Pixels stay pixels
 between post-processing calls: only the plan's last call encodes the image files (``output``).
+
+A call gets the previous call's output as its first argument unless it says otherwise (``chained=False``); an
+argument ``Use(label)`` is the output of the earlier call with that ``label`` (the hires pass reuses the prompt's
+embeddings; the denoiser takes the init image's latents beside them).
 
 Plain Python, no Ray cluster (a plan step lives beside its deployment, so its module imports ray.serve, but
 nothing starts): unit tests build plans and run them with in-process stage clients.
@@ -15,10 +21,17 @@ import importlib
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from models.contracts import DecodeParams, DenoiseParams, EncodeRequest
+from models.contracts import DecodeParams, DenoiseParams, EncodeRequest, ImageEncodeParams, Pixels, UpscaleParams
 
 if TYPE_CHECKING:
     from serving.resolver import GenerationRequest
+
+
+@dataclass(frozen=True)
+class Use:
+    """A call argument that is the output of the plan's earlier call labelled ``label``."""
+
+    label: str
 
 
 @dataclass(frozen=True)
@@ -33,6 +46,8 @@ class StageCall:
         encodes: the method takes a last ``output: DecodeParams | None`` argument: with one it returns encoded
             image files (``EncodedImages``), without one pixels (``Pixels``) for the next call.
         output: set by the plan on its last encoding call.
+        label: names the call's output for later ``Use(label)`` arguments.
+        chained: the previous call's output comes first (False: only ``args``).
     """
 
     stage: str
@@ -41,10 +56,13 @@ class StageCall:
     progress: bool = False
     encodes: bool = False
     output: DecodeParams | None = None
+    label: str = ""
+    chained: bool = True
 
-    def arguments(self, previous: Any) -> tuple[Any, ...]:
-        head = () if previous is None else (previous,)
-        return (*head, *self.args, *((self.output,) if self.encodes else ()))
+    def arguments(self, previous: Any, outputs: dict[str, Any] | None = None) -> tuple[Any, ...]:
+        head = () if previous is None or not self.chained else (previous,)
+        args = tuple((outputs or {})[a.label] if isinstance(a, Use) else a for a in self.args)
+        return (*head, *args, *((self.output,) if self.encodes else ()))
 
 
 @dataclass(frozen=True)
@@ -78,29 +96,82 @@ def _finish(calls: list[StageCall], req: GenerationRequest, input: Any = None) -
     return Plan(tuple(calls), input)
 
 
-def plan_generation(req: GenerationRequest) -> Plan:
-    """Text to image: encode the prompt, denoise, decode, then whatever post-processing ``req`` asks for."""
-    encode = EncodeRequest(
+def _encode(req: GenerationRequest) -> EncodeRequest:
+    return EncodeRequest(
         req.model, req.prompt, req.negative_prompt, with_negative=req.guidance_scale > 1.0, ref=req.ref
     )
-    params = DenoiseParams(
+
+
+def _denoise(req: GenerationRequest, width: int, height: int, steps: int, strength: float = 1.0) -> DenoiseParams:
+    return DenoiseParams(
         model=req.model,
-        height=req.height,
-        width=req.width,
-        steps=req.steps,
+        height=height,
+        width=width,
+        steps=steps,
         guidance_scale=req.guidance_scale,
         scheduler=req.scheduler,
         seed=req.seed,
         num_images=req.num_images,
         ref=req.ref,
+        strength=strength,
     )
+
+
+def plan_generation(req: GenerationRequest) -> Plan:
+    """The plan ``req`` needs: text to image, image to image / inpainting (``req.init``), or the hires fix
+    (``req.hires``), then whatever post-processing it asks for."""
+    if req.init is not None:
+        return _image_to_image(req)
+    first = _denoise(req, req.width, req.height, req.steps)
     calls = [
-        StageCall("text_encoder", "encode", (encode,)),
-        StageCall("denoiser", "denoise", (params,), progress=True),
+        StageCall("text_encoder", "encode", (_encode(req),), label="prompt"),
+        StageCall("denoiser", "denoise", (first,), progress=True, label="latents"),
+    ]
+    if req.hires is not None:
+        calls += _hires_pass(req)
+    calls += [StageCall("decoder", "decode", encodes=True), *_post_processing(req)]
+    return _finish(calls, req)
+
+
+def _image_to_image(req: GenerationRequest) -> Plan:
+    """The VAE stage encodes the init image (and the masked image), then the denoiser starts from it."""
+    assert req.init is not None
+    encode_image = ImageEncodeParams(req.model, req.ref, req.init.mask)
+    params = _denoise(req, req.width, req.height, req.steps, req.init.strength)
+    calls = [
+        StageCall("decoder", "encode_image", (encode_image,), label="image"),
+        StageCall("text_encoder", "encode", (_encode(req),), chained=False),
+        StageCall("denoiser", "denoise", (params, Use("image")), progress=True),
         StageCall("decoder", "decode", encodes=True),
         *_post_processing(req),
     ]
-    return _finish(calls, req)
+    return _finish(calls, req, Pixels(req.init.pixels[None], ""))
+
+
+def _hires_pass(req: GenerationRequest) -> list[StageCall]:
+    """A1111's hires fix after the first pass: upscale (the latents, or the decoded pixels with an upscaler and
+    encode them again), then an image-to-image pass at the target size on the same prompt."""
+    hires = req.hires
+    assert hires is not None
+    second = _denoise(req, hires.width, hires.height, hires.steps, hires.strength)
+    calls = []
+    if hires.upscaler is None:  # latent upscale: the denoiser resizes the latents it starts from
+        start = Use("latents")
+    else:
+        factor = hires.width / req.width
+        calls += [
+            StageCall("decoder", "decode", encodes=True),
+            StageCall("upscaler", "upscale", (UpscaleParams(hires.upscaler, factor),), encodes=True),
+            StageCall(
+                "decoder",
+                "encode_image",
+                (ImageEncodeParams(req.model, req.ref, width=hires.width, height=hires.height),),
+                label="upscaled",
+            ),
+        ]
+        start = Use("upscaled")
+    calls.append(StageCall("denoiser", "denoise", (Use("prompt"), second, start), progress=True, chained=False))
+    return calls
 
 
 def plan_postprocess(req: GenerationRequest, pixels: Any) -> Plan:

@@ -8,11 +8,16 @@ no Ray: unit tests drive it directly.
 
 from __future__ import annotations
 
+import re
 import secrets
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
 
 from models.contracts import OutputFormat, SafetyParams, UpscaleParams
+from serving import uploads
 from serving.config import SAFETY_STRICTNESS, AppConfig, SafetyMode
 from serving.errors import ApiError, invalid
 from serving.schemas import ImageGenerationRequest, UpscaleRequest
@@ -24,6 +29,34 @@ if TYPE_CHECKING:
 # well under it), so a text longer than ``max_prompt_tokens * CHARS_PER_TOKEN`` cannot fit and is refused
 # before anything tokenizes it: a 10 MB prompt costs a length check, not seconds of the encoder's time.
 CHARS_PER_TOKEN = 32
+
+# Strength when a request leaves it out: A1111's denoising_strength default with only an init image; a full
+# repaint with a mask (diffusers' inpaint default, and what an inpainting model is trained for).
+IMG2IMG_STRENGTH = 0.75
+INPAINT_STRENGTH = 1.0
+_IMAGE_ID = re.compile(r"[0-9a-f]{32}\.(?:png|jpg|webp)")
+
+MaskSource = Literal["luminance", "alpha"]
+
+
+@dataclass(frozen=True)
+class InitImage:
+    """The image an image-to-image or inpainting request starts from, decoded and fitted to the request's size."""
+
+    pixels: np.ndarray  # (height, width, 3) uint8
+    mask: np.ndarray | None  # (height, width) float32, 1 = repaint; None: image to image
+    strength: float
+
+
+@dataclass(frozen=True)
+class HiresFix:
+    """A1111's hires fix: after the first pass, upscale to (width, height) and refine with an image-to-image pass."""
+
+    width: int
+    height: int
+    steps: int
+    strength: float
+    upscaler: str | None  # an upscaler of the catalog; None: upscale the latents
 
 
 @dataclass(frozen=True)
@@ -46,16 +79,32 @@ class GenerationRequest:
     ref: str = ""  # the pinned model reference this request runs on (every stage uses the same version)
     upscale: UpscaleParams | None = None
     safety: SafetyParams | None = None  # None: no safety check
+    init: InitImage | None = None  # image to image / inpainting
+    hires: HiresFix | None = None
 
 
 class RequestResolver:
-    """Defaults and limits from the config, models from the live catalog."""
+    """Defaults and limits from the config, models from the live catalog.
+
+    ``lookup_image`` finds an image this service produced by its id (``init_image`` may name one instead of
+    carrying the file); None: only inline images are accepted.
+    """
 
     def __init__(self, config: AppConfig, models: ModelCatalogState) -> None:
         self.config = config
         self.models = models
+        self.lookup_image: Callable[[str], bytes | None] | None = None
 
-    def resolve(self, req: ImageGenerationRequest) -> GenerationRequest:
+    def resolve(
+        self,
+        req: ImageGenerationRequest,
+        image: bytes | None = None,
+        mask: bytes | None = None,
+        mask_source: MaskSource = "luminance",
+    ) -> GenerationRequest:
+        """Check ``req`` and fill its defaults. ``image`` / ``mask``: uploaded files that take the place of
+        ``req.init_image`` / ``req.mask`` (multipart and gRPC carry bytes); ``mask_source`` says how a mask marks
+        the region to repaint (white pixels, or OpenAI's transparent ones)."""
         limits, defaults = self.config.limits, self.config.defaults
         model = req.model or self.models.default
         if model is None or model not in self.models.specs:
@@ -74,13 +123,23 @@ class RequestResolver:
                     f"({limits.max_prompt_tokens} CLIP tokens) are accepted",
                     name,
                 )
-        width, height = (int(v) for v in (req.size or defaults.size).split("x"))
-        for name, value in (("width", width), ("height", height)):
-            if not limits.min_size <= value <= limits.max_size:
-                raise invalid(f"{name} {value} is outside {limits.min_size}-{limits.max_size}", "size")
+        if image is None and req.init_image is not None:
+            image = self.upload(req.init_image, "init_image")
+        if mask is None and req.mask is not None:
+            mask = self.upload(req.mask, "mask")
+        if image is None and (mask is not None or req.strength is not None):
+            raise invalid("`mask` and `strength` need an init image", "init_image")
+        init = None
+        if image is not None:
+            init, width, height = self.init_image(req, image, mask, mask_source)
+        else:
+            width, height = (int(v) for v in (req.size or defaults.size).split("x"))
+        self.check_size(width, height)
         steps = req.steps if req.steps is not None else defaults.steps
         if steps > limits.max_steps:
             raise invalid(f"steps must be at most {limits.max_steps}", "steps")
+        if init is not None and int(steps * init.strength) < 1:
+            raise invalid(f"strength {init.strength:g} x {steps} steps leaves no step to run; raise either", "strength")
         if req.n > limits.max_images:
             raise invalid(f"n must be at most {limits.max_images}", "n")
         guidance = req.guidance_scale if req.guidance_scale is not None else defaults.guidance_scale
@@ -103,7 +162,109 @@ class RequestResolver:
             quality=req.output_compression,
             user=req.user,
             ref=ref,
+            init=init,
         )
+
+    def check_size(self, width: int, height: int, param: str = "size") -> None:
+        limits = self.config.limits
+        for name, value in (("width", width), ("height", height)):
+            if not limits.min_size <= value <= limits.max_size:
+                raise invalid(f"{name} {value} is outside {limits.min_size}-{limits.max_size}", param)
+
+    def upload(self, value: str, param: str) -> bytes:
+        """An image field's file: base64 (a data URL too), or the id of an image this service produced."""
+        if _IMAGE_ID.fullmatch(value):
+            found = self.lookup_image(value) if self.lookup_image is not None else None
+            if found is None:
+                raise invalid(f"{param}: no image with id {value!r} (it expired, or was not made here)", param)
+            return found
+        return uploads.decode_base64(value, param, self.config.limits.max_upload_bytes)
+
+    def init_image(
+        self, req: ImageGenerationRequest, image: bytes, mask: bytes | None, mask_source: MaskSource
+    ) -> tuple[InitImage, int, int]:
+        """Decode the init image (and mask) with the upload limits, fit them to the request's size (``size``, or
+        the image's own rounded down to multiples of 8) by ``resize_mode``; (init, width, height)."""
+        limits = self.config.limits
+        bounds = {"max_bytes": limits.max_upload_bytes, "max_pixels": limits.max_upload_pixels}
+        decoded = uploads.read_image(image, "init_image", **bounds)
+        rgb = decoded.rgb
+        alpha_mask = None
+        if mask is not None:
+            repaint = uploads.read_mask(mask, "mask", source=mask_source, **bounds)
+        elif mask_source == "alpha" and decoded.alpha is not None and (decoded.alpha == 0).any():
+            repaint = alpha_mask = uploads.mask_from_alpha(decoded, "image")  # OpenAI: the image's own transparency
+        else:
+            repaint = None
+        if repaint is not None and repaint.shape != rgb.shape[:2] and req.resize_mode is None:
+            raise invalid(
+                f"the mask is {repaint.shape[1]}x{repaint.shape[0]} and the image {rgb.shape[1]}x{rgb.shape[0]}; "
+                "send them at one size, or set resize_mode",
+                "mask",
+            )
+        if req.size:
+            width, height = (int(v) for v in req.size.split("x"))
+        else:
+            width, height = uploads.snap_size(rgb.shape[1], rgb.shape[0])
+        self.check_size(width, height, "size" if req.size else "init_image")
+        mode = req.resize_mode or "resize"
+        rgb = uploads.fit(rgb, width, height, mode)
+        if repaint is not None:
+            repaint = uploads.fit(repaint, width, height, mode)
+            uploads.check_mask(repaint, "image" if alpha_mask is not None else "mask")
+        strength = req.strength
+        if strength is None:
+            strength = IMG2IMG_STRENGTH if repaint is None else INPAINT_STRENGTH
+        if not 0.0 < strength <= 1.0:
+            raise invalid("strength must be above 0 and at most 1", "strength")
+        return InitImage(rgb, repaint, strength), width, height
+
+    def hires_fix(
+        self,
+        req: GenerationRequest,
+        scale: float,
+        resize: tuple[int, int],
+        upscaler: str | None,
+        steps: int,
+        strength: float,
+        param: str = "hr_scale",
+    ) -> GenerationRequest:
+        """``req`` with a hires pass (A1111's ``enable_hr``): target size from ``resize`` (width, height; 0 keeps
+        the aspect, both 0 use ``scale``), rounded down to multiples of 8; ``steps`` 0: the first pass's count."""
+        if req.init is not None:
+            raise invalid("the hires fix is for text to image; leave out init_image", "enable_hr")
+        rx, ry = resize
+        if rx <= 0 and ry <= 0:
+            if scale <= 1.0 and scale != 1.0:
+                raise invalid("hr_scale must be at least 1", param)
+            rx, ry = round(req.width * scale), round(req.height * scale)
+        elif rx <= 0:
+            rx = round(req.width * ry / req.height)
+        elif ry <= 0:
+            ry = round(req.height * rx / req.width)
+        width, height = uploads.snap_size(rx, ry)
+        self.check_size(width, height, param)
+        steps = steps or req.steps
+        max_steps = self.config.limits.max_steps
+        if steps > max_steps:
+            raise invalid(f"hr_second_pass_steps must be at most {max_steps}", "hr_second_pass_steps")
+        if not 0.0 < strength <= 1.0:
+            raise invalid("denoising_strength must be above 0 and at most 1", "denoising_strength")
+        if int(steps * strength) < 1:
+            raise invalid(f"denoising_strength {strength:g} x {steps} steps leaves no step", "denoising_strength")
+        if upscaler is not None:
+            upscalers = self.models.artifacts.get("upscalers", {})
+            if upscaler not in upscalers:
+                raise ApiError(404, "upscaler_not_found", f"upscaler {upscaler!r} is not served", "hr_upscaler")
+        if req.upscale is not None:
+            req = replace(req, upscale=self.upscale_checked(req.upscale, width, height))
+        return replace(req, hires=HiresFix(width, height, steps, strength, upscaler))
+
+    def upscale_checked(self, up: UpscaleParams, width: int, height: int) -> UpscaleParams:
+        pixels = round(width * up.factor) * round(height * up.factor)
+        if pixels > self.config.limits.max_output_pixels:
+            raise invalid(f"upscaling {width}x{height} by {up.factor:g} gives too many pixels", "upscale.factor")
+        return up
 
     def resolve_postprocess(
         self, width: int, height: int, upscale: UpscaleRequest | None, output_format: OutputFormat

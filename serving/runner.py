@@ -55,7 +55,7 @@ class StageStream(Protocol):
 class StageClient(Protocol):
     def call(self, method: str, *args: Any) -> StageResponse: ...
 
-    def stream(self, method: str, *args: Any) -> StageStream: ...
+    def stream(self, method: str, *args: Any, **kwargs: Any) -> StageStream: ...
 
 
 class RayStageClient:
@@ -68,8 +68,8 @@ class RayStageClient:
         response: StageResponse = getattr(self.handle, method).remote(*args)
         return response
 
-    def stream(self, method: str, *args: Any) -> StageStream:
-        stream: StageStream = getattr(self.handle.options(stream=True), method).remote(*args)
+    def stream(self, method: str, *args: Any, **kwargs: Any) -> StageStream:
+        stream: StageStream = getattr(self.handle.options(stream=True), method).remote(*args, **kwargs)
         return stream
 
 
@@ -104,10 +104,10 @@ class LocalStageClient:
 
         return asyncio.ensure_future(invoke())
 
-    def stream(self, method: str, *args: Any) -> StageStream:
+    def stream(self, method: str, *args: Any, **kwargs: Any) -> StageStream:
         async def generate() -> AsyncIterator[Any]:
             resolved = [await a if isinstance(a, asyncio.Future) else a for a in args]
-            async for item in getattr(self.target, method)(*resolved):
+            async for item in getattr(self.target, method)(*resolved, **kwargs):
                 yield item
 
         return _LocalStream(generate())
@@ -164,15 +164,18 @@ class ChainRunner:
     async def _run_once(self, plan: Plan, on_progress: OnProgress | None, preview: bool) -> Any:
         pending: list[StageResponse | StageStream] = []
         previous: Any = plan.input
+        outputs: dict[str, Any] = {}  # labelled outputs, for later calls' Use(label) arguments
         try:
             for call in plan.calls:
-                args = call.arguments(previous)
+                args = call.arguments(previous, outputs)
                 client = self.clients[call.stage]
                 if call.progress and on_progress is not None:
                     previous = await self._stream(client, call, args, on_progress, preview, pending)
                 else:
                     previous = client.call(call.method, *args)
                     pending.append(previous)
+                if call.label:
+                    outputs[call.label] = previous
             if pending and previous is pending[-1]:
                 return await previous  # type: ignore[misc]  # the last call's response, not a stream
             return previous
@@ -191,7 +194,7 @@ class ChainRunner:
         pending: list[StageResponse | StageStream],
     ) -> Any:
         """Run a streaming step: progress items go to ``on_progress``; the last item is the step's output."""
-        stream = client.stream(f"{call.method}_stream", *args, preview)
+        stream = client.stream(f"{call.method}_stream", *args, preview=preview)
         pending.append(stream)
         output: Any = None
         async for item in stream:

@@ -61,6 +61,27 @@ class ImageGenerationRequest(BaseModel):
         default=None, ge=0, le=100, description="JPEG / WebP quality 0-100 (OpenAI's name for it)."
     )
     upscale: UpscaleRequest | None = Field(default=None, description="Upscale the images before returning them.")
+    init_image: str | None = Field(
+        default=None,
+        description="Image to image: the image to start from, base64 PNG / JPEG / WebP (a data URL too) or the id "
+        "of an image this service made (`<id>` of a /v1/images/<id> url). The output has `size`, else the "
+        "image's size rounded down to multiples of 8.",
+    )
+    mask: str | None = Field(
+        default=None,
+        description="Inpainting: a mask image (base64 or image id) whose white pixels mark the region to repaint; "
+        "the same size as the init image unless resize_mode is set.",
+    )
+    strength: float | None = Field(
+        default=None,
+        description="How much of the init image to repaint, (0, 1]: int(steps * strength) steps run. Default 0.75, "
+        "or 1 with a mask.",
+    )
+    resize_mode: Literal["resize", "crop", "fill"] | None = Field(
+        default=None,
+        description="How an init image (and mask) of another size or aspect ratio fits `size`: stretch (resize, "
+        "the default), scale to cover and crop the centre (crop), or scale to fit and fill the borders (fill).",
+    )
     safety: SafetyMode | None = Field(
         default=None,
         description="Safety check for this request; unset: the service's safety.mode. A less strict mode than the "
@@ -108,6 +129,13 @@ class SafetySettings(BaseModel):
     withheld: int = Field(description="Flagged images left out of `data` (block mode).")
 
 
+class HiresSettings(BaseModel):
+    size: str = Field(description="Size of the second pass (the returned size before any upscale).")
+    steps: int
+    denoising_strength: float
+    upscaler: str = Field(description="`latent`, or the upscaler that enlarged the first pass.")
+
+
 class GenerationSettings(BaseModel):
     """What a Stable Diffusion user needs to reproduce a result (shared by image and job responses)."""
 
@@ -122,6 +150,9 @@ class GenerationSettings(BaseModel):
     timings_ms: dict[str, float]
     upscale: UpscaleSettings | None = None
     safety: SafetySettings | None = None
+    strength: float | None = Field(default=None, description="With an init image: the strength it ran with.")
+    inpainting: bool | None = Field(default=None, description="With an init image: whether a mask was applied.")
+    hires: HiresSettings | None = None
 
 
 class ImageGenerationResponse(GenerationSettings):

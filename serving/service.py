@@ -24,7 +24,7 @@ from serving.config import AppConfig
 from serving.env import SDSERVE_HOME
 from serving.errors import ApiError, content_policy_violation, invalid
 from serving.plans import Plan, plan_generation, plan_postprocess
-from serving.resolver import GenerationRequest, RequestResolver
+from serving.resolver import GenerationRequest, MaskSource, RequestResolver
 from serving.rollout import ModelCatalogState, ModelRollout
 from serving.runner import ChainRunner, OnProgress, RayStageClient, StageClient
 from serving.schemas import ImageGenerationRequest
@@ -67,6 +67,18 @@ class GenerationResult:
             "output_format": req.output_format,
             "timings_ms": self.timings_ms,
             "upscale": {"model": up.upscaler, "factor": up.factor} if up else None,
+            "strength": req.init.strength if req.init else None,
+            "inpainting": req.init.mask is not None if req.init else None,
+            "hires": (
+                {
+                    "size": f"{req.hires.width}x{req.hires.height}",
+                    "steps": req.hires.steps,
+                    "denoising_strength": req.hires.strength,
+                    "upscaler": req.hires.upscaler or "latent",
+                }
+                if req.hires
+                else None
+            ),
             "safety": (
                 {"mode": safety.mode, "checker": safety.checker, "withheld": sum(self.withheld)} if safety else None
             ),
@@ -98,9 +110,15 @@ class GenerationService:
 
     # -- requests ---------------------------------------------------------------------------------------------
 
-    def prepare(self, req: ImageGenerationRequest) -> GenerationRequest:
-        """Fill defaults and check the configured limits (see ``RequestResolver``)."""
-        return self.resolver.resolve(req)
+    def prepare(
+        self,
+        req: ImageGenerationRequest,
+        image: bytes | None = None,
+        mask: bytes | None = None,
+        mask_source: MaskSource = "luminance",
+    ) -> GenerationRequest:
+        """Fill defaults, check the configured limits and decode uploaded images (see ``RequestResolver``)."""
+        return self.resolver.resolve(req, image, mask, mask_source)
 
     async def generate(
         self, req: GenerationRequest, on_progress: OnProgress | None = None, preview: bool = False

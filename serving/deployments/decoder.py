@@ -1,4 +1,5 @@
-"""Decoder deployment: VAE decode batched across requests; PNG / JPEG / WebP encoding when it ends the plan."""
+"""The VAE deployment: decoding batched across requests (PNG / JPEG / WebP encoding when it ends the plan), and
+encoding init images for image to image and inpainting."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 from ray import serve
 
-from models.contracts import DecodeParams, EncodedImages, Latents, Pixels
+from models.contracts import DecodeParams, EncodedImages, ImageEncodeParams, ImageLatents, Latents, Pixels
 from serving.config import AppConfig
 from serving.deployments.common import StageReplica
 
@@ -52,4 +53,11 @@ class DecoderDeployment(StageReplica):
         """Pixels for the next stage of the plan, or (``output`` set) the encoded image files."""
         latents = self.pinned(latents, await self.resolve(latents.model, latents.ref))
         result: Pixels | EncodedImages = await self.submit_to_batch(self._batch, (latents, output))
+        return result
+
+    async def encode_image(self, pixels: Pixels, params: ImageEncodeParams) -> ImageLatents:
+        """The init image's latent distribution (and the masked image's, with a mask), on this replica's VAE."""
+        params = self.pinned(params, await self.resolve(params.model, params.ref))
+        stage = self.runtime.get(params.model, params.ref)
+        result: ImageLatents = await self.run_compute(stage.encode_image, pixels, params)
         return result

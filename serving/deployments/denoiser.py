@@ -8,7 +8,7 @@ from typing import Any
 
 from ray import serve
 
-from models.contracts import DenoiseParams, DenoiseProgress, Latents, PromptEmbeddings
+from models.contracts import DenoiseParams, DenoiseProgress, ImageLatents, Latents, PromptEmbeddings
 from serving.config import AppConfig
 from serving.deployments.common import StageReplica
 
@@ -36,15 +36,23 @@ class DenoiserDeployment(StageReplica):
         self.metrics.observe_batch(images)
         self.metrics.set_queue_depth(waiting)
 
-    async def denoise(self, embeddings: PromptEmbeddings, params: DenoiseParams) -> Latents:
+    async def denoise(
+        self, embeddings: PromptEmbeddings, params: DenoiseParams, image: ImageLatents | Latents | None = None
+    ) -> Latents:
+        """Denoise one request among the others; ``image``: the init image's latents (img2img, inpainting, a hires
+        pass), None for text to image."""
         params = self.pinned(params, await self.resolve(params.model, params.ref))
         stage = self.runtime.get(params.model, params.ref)
         with self.metrics.request():
-            result: Latents = await self.batcher.submit(stage, params, embeddings)
+            result: Latents = await self.batcher.submit(stage, params, embeddings, image=image)
         return result
 
     async def denoise_stream(
-        self, embeddings: PromptEmbeddings, params: DenoiseParams, preview: bool = False
+        self,
+        embeddings: PromptEmbeddings,
+        params: DenoiseParams,
+        image: ImageLatents | Latents | None = None,
+        preview: bool = False,
     ) -> AsyncIterator[DenoiseProgress | Latents]:
         """``denoise`` that reports as it goes: a ``DenoiseProgress`` after every step, then the ``Latents``.
 
@@ -56,7 +64,7 @@ class DenoiserDeployment(StageReplica):
         # Closed at once when the caller cancels the stream (not whenever it is garbage-collected), so the job
         # leaves the batch before its next step.
         with self.metrics.request():
-            async with contextlib.aclosing(self.batcher.stream(stage, params, embeddings, preview)) as items:
+            async with contextlib.aclosing(self.batcher.stream(stage, params, embeddings, preview, image)) as items:
                 async for item in items:
                     yield item
 

@@ -11,25 +11,38 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from ray.exceptions import ActorDiedError
 
-from models.contracts import DecodeParams, DenoiseProgress, EncodedImages, Latents, Pixels, PromptEmbeddings
+from models.contracts import (
+    DecodeParams,
+    DenoiseProgress,
+    EncodedImages,
+    ImageEncodeParams,
+    ImageLatents,
+    Latents,
+    Pixels,
+    PromptEmbeddings,
+    UpscaleParams,
+)
 from models.decoder import DecoderStage
 from models.denoiser import DenoiserStage
 from models.errors import UnknownModelError
-from models.images import encode_image
-from models.snapshot import open_snapshot
+from models.images import encode_image, finish
+from models.snapshot import ArtifactSnapshot, open_snapshot
 from models.stepbatcher import StepBatcher
 from models.text_encoder import TextEncoderStage
+from models.upscaler import UpscalerStage, create_test_upscaler
 from serving.config import LimitsSpec
 from serving.errors import ApiError
 from serving.plans import Plan, StageCall, plan_generation
-from serving.resolver import GenerationRequest
+from serving.resolver import GenerationRequest, HiresFix, InitImage
 from serving.runner import ChainRunner, LocalStageClient
 
 CPU = torch.device("cpu")
@@ -68,11 +81,13 @@ class Denoiser:
         loop = id(asyncio.get_running_loop())
         return self.batchers.setdefault(loop, StepBatcher(self.executor, max_batch_size=4))
 
-    async def denoise(self, embeddings: PromptEmbeddings, params: Any) -> Latents:
-        return await self.batcher.submit(self.stage, params, embeddings)
+    async def denoise(self, embeddings: PromptEmbeddings, params: Any, image: Any = None) -> Latents:
+        return await self.batcher.submit(self.stage, params, embeddings, image=image)
 
-    async def denoise_stream(self, embeddings: PromptEmbeddings, params: Any, preview: bool) -> AsyncIterator[Any]:
-        async with contextlib.aclosing(self.batcher.stream(self.stage, params, embeddings, preview)) as items:
+    async def denoise_stream(
+        self, embeddings: PromptEmbeddings, params: Any, image: Any = None, preview: bool = False
+    ) -> AsyncIterator[Any]:
+        async with contextlib.aclosing(self.batcher.stream(self.stage, params, embeddings, preview, image)) as items:
             async for item in items:
                 yield item
 
@@ -84,15 +99,28 @@ class Decoder:
     def decode(self, latents: Latents, output: DecodeParams | None) -> Pixels | EncodedImages:
         return self.stage.decode([(latents, output)])[0]
 
+    def encode_image(self, pixels: Pixels, params: ImageEncodeParams) -> ImageLatents:
+        return self.stage.encode_image(pixels, params)
+
+
+class Upscaler:
+    def __init__(self, stage: UpscalerStage) -> None:
+        self.stage = stage
+
+    def upscale(self, pixels: Pixels, params: UpscaleParams, output: DecodeParams | None) -> Pixels | EncodedImages:
+        return finish(Pixels(self.stage.upscale(pixels.array, params.factor), pixels.model_version), output)
+
 
 @pytest.fixture(scope="module")
-def stages(tiny_model_dir: Path) -> dict[str, Any]:
+def stages(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     snap = open_snapshot(str(tiny_model_dir))
     executor = ThreadPoolExecutor(max_workers=1)
+    upscaler = create_test_upscaler(tmp_path_factory.mktemp("upscaler"), "realesr-general-x4v3", size="tiny")
     return {
         "text_encoder": Encoder(TextEncoderStage("tiny", snap, CPU, torch.float32)),
         "denoiser": Denoiser(DenoiserStage("tiny", snap, CPU, torch.float32), executor),
         "decoder": Decoder(DecoderStage("tiny", snap, CPU, torch.float32)),
+        "upscaler": Upscaler(UpscalerStage("x4", ArtifactSnapshot(upscaler, "v1", "upscaler"), CPU, torch.float32)),
     }
 
 
@@ -257,3 +285,46 @@ def test_post_processing_steps_follow_the_stage_table_and_only_the_last_encodes(
     assert uploaded.calls[0].arguments(pixels) == (pixels, UpscaleParams("x4", 4.0), DecodeParams("png", None))
     with pytest.raises(ValueError):
         plan_postprocess(REQ, object())  # nothing to do
+
+
+def gradient(size: int = 64) -> np.ndarray:
+    y, x = np.mgrid[0:size, 0:size]
+    return np.stack([x * 4, y * 4, np.full_like(x, 90)], axis=-1).astype(np.uint8)
+
+
+def test_image_to_image_plan_encodes_the_image_on_the_vae_stage_first(stages: dict[str, Any]) -> None:
+    mask = np.zeros((64, 64), np.float32)
+    mask[16:48, 16:48] = 1.0
+    req = replace(REQ, init=InitImage(gradient(), mask, 0.75))
+    plan = plan_generation(req)
+    assert plan.stages == ("decoder", "text_encoder", "denoiser", "decoder")
+    assert isinstance(plan.input, Pixels) and plan.input.array.shape == (1, 64, 64, 3)
+    result = asyncio.run(runner(stages).run(plan))
+
+    encode_image_params, encode, params = plan.calls[0].args[0], plan.calls[1].args[0], plan.calls[2].args[0]
+    assert params.strength == 0.75 and encode_image_params.mask is mask
+    latents = stages["decoder"].stage.encode_image(plan.input, encode_image_params)
+    embeddings = stages["text_encoder"].stage.encode([encode])[0]
+    denoised = stages["denoiser"].stage.run(params, embeddings, latents)
+    pixels = stages["decoder"].stage.decode_pixels(denoised.tensor)
+    assert result.images == [encode_image(img, "png") for img in pixels]
+
+
+@pytest.mark.parametrize("upscaler", [None, "x4"])
+def test_hires_fix_plan_refines_at_the_larger_size(stages: dict[str, Any], upscaler: str | None) -> None:
+    """txt2img, then (latents resized, or pixels upscaled and encoded again) an img2img pass at 128x128 on the same
+    prompt: the plan reuses the first call's embeddings, and streaming reports both passes."""
+    req = replace(REQ, num_images=1, hires=HiresFix(128, 128, 4, 0.5, upscaler))
+    plan = plan_generation(req)
+    middle = ("upscaler", "decoder") if upscaler else ()
+    expected = ("text_encoder", "denoiser", *(("decoder",) if upscaler else ()), *middle, "denoiser", "decoder")
+    assert plan.stages == expected
+    seen: list[tuple[int, int]] = []
+
+    async def on_progress(item: DenoiseProgress) -> None:
+        seen.append((item.step, item.total_steps))
+
+    result = asyncio.run(runner(stages).run(plan, on_progress))
+    assert (result.width, result.height, len(result.images)) == (128, 128, 1)
+    assert seen == [(1, 3), (2, 3), (3, 3), (1, 2), (2, 2)]  # 3 steps, then int(4 * 0.5)
+    assert asyncio.run(runner(stages).run(plan)).images == result.images  # streamed or not, the same images
