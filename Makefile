@@ -83,6 +83,7 @@ k8s: tools
 bench: venv
 	$(BIN)/python -m benchmarks.bench --out benchmarks/results --report BENCHMARKS.md
 	$(BIN)/python -m benchmarks.upscale_safety --out benchmarks/results --report BENCHMARKS.md
+	$(BIN)/python -m benchmarks.img2img --out benchmarks/results --report BENCHMARKS.md
 
 # The same comparison on a CUDA machine: exact SD1.5 architecture, 512x512, 25 steps, fp16.
 bench-gpu: venv

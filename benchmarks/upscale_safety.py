@@ -380,9 +380,9 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the text between this benchmark's markers in ``path`` (appended when they are missing)."""
-    start, end = f"<!-- {MARKER}:start -->", f"<!-- {MARKER}:end -->"
+def write_section(path: Path, section: str, marker: str = MARKER) -> None:
+    """Replace the text between a benchmark's markers in ``path`` (appended when they are missing)."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     text = path.read_text() if path.exists() else ""
     if start not in text:
         text = f"{text.rstrip()}\n\n{start}\n{end}\n"

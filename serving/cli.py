@@ -42,8 +42,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Start the service, generate one image through the OpenAI-compatible endpoint (and, with an upscaler, the
-    same image upscaled x4), save them, stop."""
+    """Start the service, generate one image through the OpenAI-compatible endpoint, a variation of it (image to
+    image), its centre inpainted and (with an upscaler) the image upscaled x4; save them, stop."""
     import httpx
 
     from serving.local import ensure_default_model, free_port, start_local, stop_local
@@ -65,6 +65,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"wrote {result['path']} ({result['size']}, model {result['model']}@{result['model_version']}, "
               f"seed {result['seed']}, {result['steps']} steps)")  # fmt: skip
         print(f"generation took {time.perf_counter() - t0:.2f} s (service start {startup_s:.1f} s)")
+        # Image to image from that image, then inpainting its centre (on the inpainting model when one is served).
+        init = base64.b64encode(Path(result["path"]).read_bytes()).decode("ascii")
+        t0 = time.perf_counter()
+        variation = _generate_to_file(url, {**body, "init_image": init, "strength": 0.6}, args.out)
+        if variation is None:
+            return 1
+        print(f"wrote {variation['path']} (image to image, strength 0.6) in {time.perf_counter() - t0:.2f} s")
+        models = [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=60).json()["data"]]
+        inpaint_model = next((m for m in models if m.endswith("-inpaint")), result["model"])
+        t0 = time.perf_counter()
+        edit = {**body, "model": inpaint_model, "init_image": init, "mask": _centre_mask(result["size"])}
+        inpainted = _generate_to_file(url, edit, args.out)
+        if inpainted is None:
+            return 1
+        print(f"wrote {inpainted['path']} (centre inpainted by {inpaint_model}) in {time.perf_counter() - t0:.2f} s")
         upscalers = httpx.get(f"{url}/v1/upscalers", timeout=60).json()["data"]
         if upscalers:  # the same image again, upscaled x4 by the first upscaler
             t0 = time.perf_counter()
@@ -76,6 +91,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     finally:
         stop_local()
     return 0
+
+
+def _centre_mask(size: str) -> str:
+    """A base64 PNG mask of ``size`` (WxH) whose centre half is white: the region to repaint."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    width, height = (int(v) for v in size.split("x"))
+    mask = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(mask).rectangle((width // 4, height // 4, 3 * width // 4 - 1, 3 * height // 4 - 1), fill=255)
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _generate_to_file(url: str, body: dict[str, Any], out: str) -> dict[str, Any] | None:

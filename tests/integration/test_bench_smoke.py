@@ -52,3 +52,18 @@ def test_bench_quick_run_in_two_parts(tmp_path: Path) -> None:
     again = bench("--report-only", "--out", str(out), "--report", str(report))
     assert again.returncode == 0, again.stderr[-3000:]
     assert report.read_text() == text and (out / "bench-latency-throughput.png").exists()
+
+
+def test_img2img_bench_quick_run_writes_its_section(tmp_path: Path) -> None:
+    """benchmarks.img2img on the tiny model: every variant timed, mixed txt2img + img2img jobs batched."""
+    report = tmp_path / "BENCH.md"
+    report.write_text("# x\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.img2img", "--quick", "--out", str(tmp_path), "--report", str(report)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "img2img-quick.json").read_text())
+    assert set(results["timings"]) == {"txt2img", "img2img", "inpaint", "hires", "txt2img_2x"}
+    assert results["mixed"]["unet_calls"] > 0
+    assert "<!-- img2img:start -->" in report.read_text() and "ratio to txt2img" in report.read_text()
