@@ -2,6 +2,13 @@
 
 Requests join and leave the running batch between steps, the way LLM servers batch decoding steps, so a 4-step
 request never waits behind a 50-step one. ``DenoiserStage.step`` does the torch work of one step.
+
+Which jobs go next is cost-weighted fair (start-time fair queueing): every job keeps a virtual time, the compute
+it has received, and the job with the least goes next. A step's cost is estimated from shapes alone (UNet rows x
+latent height x latent width), so the order of calls is deterministic. One step of a 1024x1024 request costs as
+much as 256 steps of a 64x64 one: a small request that arrives while a large one runs waits for the one large step
+in flight, then gets up to as much compute before the large one's next step, instead of taking turns with it step
+for step; while small requests keep coming, the large one still gets its equal share.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from models.contracts import DenoiseParams, DenoiseProgress, Latents, PromptEmbeddings
+from models.contracts import DenoiseParams, DenoiseProgress, ImageLatents, Latents, PromptEmbeddings
 from models.denoiser import DenoiseJob, DenoiserStage
 from models.previews import PREVIEW_MEDIA_TYPE, latent_preview
 
@@ -26,14 +33,28 @@ class _Pending:
     future: asyncio.Future[Latents]
     on_progress: Callable[[DenoiseProgress], None] | None = None
     preview: bool = False
+    vtime: int = 0  # virtual time: the step cost this job has been charged (see ``step_cost``)
+
+
+def step_cost(job: DenoiseJob) -> int:
+    """What one UNet step of ``job`` costs, in UNet rows x latent pixels: an estimate from shapes alone rather
+    than a clock, so the order of calls is reproducible (the UNet's work grows about linearly with both)."""
+    height, width = job.latents.shape[-2:]
+    return job.samples * height * width
 
 
 class StepBatcher:
     """Continuous batching across requests, one denoising step at a time.
 
-    Every iteration takes the job that has waited longest, gathers the other running jobs that share its
-    batch key (up to ``max_batch_size`` images), runs one UNet call for them on ``executor`` and moves them
-    to the back of the line. New requests join at the next step; finished or cancelled ones leave.
+    Every iteration takes a head job, gathers the other running jobs that share its batch key (up to
+    ``max_batch_size`` images, whatever their virtual time), runs one UNet call for them on ``executor``,
+    charges each its own ``step_cost`` and moves them to the back of the line. The head is the job with the
+    least virtual time, the one that waited longest among equals; with ``fair=False`` it is simply the one
+    that waited longest (round robin across batch keys, whatever a step costs).
+
+    New requests join at the next step, at the virtual time of the call in flight (the least among running
+    jobs when that call was chosen): they neither start at 0 and hold the others up until they catch up, nor
+    queue behind the compute the others have already had. Finished or cancelled jobs leave.
     """
 
     def __init__(
@@ -41,11 +62,15 @@ class StepBatcher:
         executor: Executor,
         max_batch_size: int = 8,
         on_step: Callable[[int, int], None] | None = None,
+        fair: bool = True,
     ) -> None:
         self.executor = executor
         self.max_batch_size = max_batch_size
         self.on_step = on_step  # (images in this UNet call, running jobs left out of it)
+        self.fair = fair
         self._running: list[_Pending] = []
+        self._starting: set[asyncio.Future[DenoiseJob]] = set()  # jobs being prepared, about to join
+        self._clock = 0  # virtual time of the latest call: where new jobs start
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.batch_sizes: list[int] = []  # images per UNet call, most recent last (bounded)
@@ -61,14 +86,20 @@ class StepBatcher:
         embeddings: PromptEmbeddings,
         on_progress: Callable[[DenoiseProgress], None] | None = None,
         preview: bool = False,
+        image: ImageLatents | Latents | None = None,
     ) -> Latents:
         """Denoise one request among the others; ``on_progress`` hears of each of its steps (on the event loop),
-        with a low-resolution preview when ``preview`` is set. Cancelling the caller stops the job before its
-        next step."""
+        with a low-resolution preview when ``preview`` is set; ``image``: the init image's latents, if any.
+        Cancelling the caller stops the job before its next step."""
         loop = asyncio.get_running_loop()
-        job = await loop.run_in_executor(self.executor, stage.start, params, embeddings)
-        pending = _Pending(job, stage, loop.create_future(), on_progress, preview)
-        self._running.append(pending)
+        start = loop.run_in_executor(self.executor, stage.start, params, embeddings, image)
+        self._starting.add(start)
+        try:
+            job = await start
+            pending = _Pending(job, stage, loop.create_future(), on_progress, preview, vtime=self._clock)
+            self._running.append(pending)
+        finally:
+            self._starting.discard(start)
         self._wakeup.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._loop())
@@ -79,12 +110,17 @@ class StepBatcher:
             raise
 
     async def stream(
-        self, stage: DenoiserStage, params: DenoiseParams, embeddings: PromptEmbeddings, preview: bool = False
+        self,
+        stage: DenoiserStage,
+        params: DenoiseParams,
+        embeddings: PromptEmbeddings,
+        preview: bool = False,
+        image: ImageLatents | Latents | None = None,
     ) -> AsyncGenerator[DenoiseProgress | Latents, None]:
         """``submit`` that reports as it goes: a ``DenoiseProgress`` after every step, then the ``Latents``.
         Closing the iterator early drops the job before its next step."""
         progress: asyncio.Queue[DenoiseProgress] = asyncio.Queue()
-        task = asyncio.ensure_future(self.submit(stage, params, embeddings, progress.put_nowait, preview))
+        task = asyncio.ensure_future(self.submit(stage, params, embeddings, progress.put_nowait, preview, image))
         try:
             while not task.done() or not progress.empty():
                 getter = asyncio.ensure_future(progress.get())
@@ -101,15 +137,17 @@ class StepBatcher:
         self._running = [p for p in self._running if not p.job.cancelled and not p.future.done()]
         if not self._running:
             return []
-        head = self._running[0]
+        # min() keeps the first of equals: the one that has waited longest.
+        head = min(self._running, key=lambda p: p.vtime) if self.fair else self._running[0]
+        self._clock = head.vtime
         key = (id(head.stage), head.job.batch_key())
-        batch: list[_Pending] = []
-        images = 0
+        batch = [head]
+        images = head.job.latents.shape[0]
         for p in self._running:
-            if (id(p.stage), p.job.batch_key()) != key:
+            if p is head or (id(p.stage), p.job.batch_key()) != key:
                 continue
             n = p.job.latents.shape[0]
-            if batch and images + n > self.max_batch_size:
+            if images + n > self.max_batch_size:
                 break
             batch.append(p)
             images += n
@@ -118,6 +156,10 @@ class StepBatcher:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            # A job being prepared was queued on the executor before any step chosen now: let it join this
+            # choice rather than the next, or a small request would wait for two large steps instead of one.
+            while self._starting:
+                await asyncio.wait(set(self._starting))
             batch = self._next_batch()
             if not batch:
                 self._wakeup.clear()
@@ -136,6 +178,8 @@ class StepBatcher:
                     if not p.future.done():
                         p.future.set_exception(exc)
                 continue
+            for p in batch:
+                p.vtime += step_cost(p.job)
             self.batch_sizes.append(sum(p.job.latents.shape[0] for p in batch))
             del self.batch_sizes[:-1000]
             if self.on_step is not None:

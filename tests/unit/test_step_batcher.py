@@ -1,22 +1,27 @@
-"""The continuous-batching loop: joins between steps, cancellation frees the slot, failures stay local."""
+"""The continuous-batching loop: joins between steps, cancellation frees the slot, failures stay local, and the
+next UNet call is chosen cost-weighted fair (asserted on the order of calls, which does not depend on timing)."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
-from models.contracts import DenoiseParams, EncodeRequest
-from models.denoiser import DenoiserStage
+from models.contracts import DenoiseParams, EncodeRequest, Latents, PromptEmbeddings
+from models.denoiser import DenoiseJob, DenoiserStage
 from models.snapshot import open_snapshot
 from models.stepbatcher import StepBatcher
 from models.text_encoder import TextEncoderStage
 
 CPU = torch.device("cpu")
+# On the tiny model a 256x256 step costs (256 / 64) ** 2 = 16 steps of a 64x64 request (latents are 1/8 a side).
+LARGE, SMALL = 256, 64
+COST_RATIO = (LARGE // SMALL) ** 2
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +103,119 @@ def test_progress_reports_every_step_with_previews_on_request(parts) -> None:  #
     image = Image.open(io.BytesIO(seen["preview"][-1].preview))
     assert image.format == "JPEG" and image.size == (64 // 8, 96 // 8)  # (width, height) of a 96-high, 64-wide request
     assert seen["preview"][-1].preview_media_type == "image/jpeg"
+
+
+def label(job: DenoiseJob) -> str:
+    """``L`` for a large job, ``S<steps>`` for a small one, ``W`` / ``T`` for a wide / tall one (64x128, 128x64)."""
+    height, width = (side * 8 for side in job.latents.shape[-2:])
+    if height == width:
+        return "L" if height == LARGE else f"S{job.total_steps}"
+    return "W" if width > height else "T"
+
+
+class UNetCalls:
+    """Records the jobs of every UNet call the stage makes (``"S2+S3"``: one call for both); can submit a
+    request while a given call is under way."""
+
+    def __init__(self, denoiser: DenoiserStage, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.log: list[str] = []
+        self.during: dict[int, Callable[[], object]] = {}  # call number (from 1) -> run on the compute thread
+        step = denoiser.step
+
+        def recording_step(jobs: list[DenoiseJob]) -> None:
+            self.log.append("+".join(sorted(label(job) for job in jobs)))
+            hook = self.during.pop(len(self.log), None)
+            if hook is not None:
+                hook()
+            step(jobs)
+
+        monkeypatch.setattr(denoiser, "step", recording_step)
+
+    def submit_during(
+        self, call: int, batcher: StepBatcher, denoiser: DenoiserStage, params: DenoiseParams, emb: PromptEmbeddings
+    ) -> list[asyncio.Task[Latents]]:
+        """Submit ``params`` while UNet call number ``call`` runs; the list holds the request once submitted."""
+        loop = asyncio.get_running_loop()
+        late: list[asyncio.Task[Latents]] = []
+        self.during[call] = lambda: loop.call_soon_threadsafe(
+            lambda: late.append(asyncio.ensure_future(batcher.submit(denoiser, params, emb)))
+        )
+        return late
+
+
+def small(steps: int, seed: int) -> DenoiseParams:
+    return DenoiseParams("tiny", SMALL, SMALL, steps, 5.0, "euler", seed)
+
+
+def large(steps: int) -> DenoiseParams:
+    return DenoiseParams("tiny", LARGE, LARGE, steps, 5.0, "euler", 0)
+
+
+@pytest.mark.parametrize(
+    ("fair", "expected"),
+    [
+        # After the large step, the small jobs (batched together) finish before the large one's next step...
+        (True, ["L", "S2+S3+S4", "S2+S3+S4", "S3+S4", "S4", "L", "L"]),
+        # ...where round robin makes them take turns with it, one large step per small one.
+        (False, ["L", "S2+S3+S4", "L", "S2+S3+S4", "L", "S3+S4", "S4"]),
+    ],
+)
+def test_small_jobs_finish_after_one_large_step_when_fair(parts, monkeypatch, fair, expected) -> None:  # type: ignore[no-untyped-def]
+    denoiser, emb = parts
+    calls = UNetCalls(denoiser, monkeypatch)
+
+    async def run():  # type: ignore[no-untyped-def]
+        batcher = StepBatcher(ThreadPoolExecutor(1), max_batch_size=8, fair=fair)
+        params = [large(3), small(2, 1), small(3, 2), small(4, 3)]
+        return await asyncio.gather(*(batcher.submit(denoiser, p, emb) for p in params))
+
+    results = asyncio.run(run())
+    assert calls.log == expected
+    assert [r.steps_run for r in results] == [3, 2, 3, 4]
+
+
+def test_large_job_gets_one_step_per_cost_ratio_of_small_steps(parts, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A long small job does not hold a large one up: the large one runs whenever it has had less compute."""
+    denoiser, emb = parts
+    calls = UNetCalls(denoiser, monkeypatch)
+
+    async def run():  # type: ignore[no-untyped-def]
+        batcher = StepBatcher(ThreadPoolExecutor(1), max_batch_size=8)
+        await asyncio.gather(batcher.submit(denoiser, large(3), emb), batcher.submit(denoiser, small(40, 1), emb))
+
+    asyncio.run(run())
+    ratio = ["S40"] * COST_RATIO
+    assert calls.log == ["L", *ratio, "L", *ratio, "L"] + ["S40"] * (40 - 2 * COST_RATIO)
+
+
+def test_small_job_arriving_during_a_large_step_waits_for_that_step_only(parts, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    denoiser, emb = parts
+    calls = UNetCalls(denoiser, monkeypatch)
+
+    async def run():  # type: ignore[no-untyped-def]
+        batcher = StepBatcher(ThreadPoolExecutor(1), max_batch_size=8)
+        late = calls.submit_during(2, batcher, denoiser, small(4, 1), emb)
+        first = await batcher.submit(denoiser, large(5), emb)
+        return first, await late[0]
+
+    first, late = asyncio.run(run())
+    # It arrives during the second large step: its preparation, queued behind that step, joins the next choice.
+    assert calls.log == ["L", "L", "S4", "S4", "S4", "S4", "L", "L", "L"]
+    assert (first.steps_run, late.steps_run) == (5, 4)
+
+
+def test_late_job_is_neither_starved_nor_starving(parts, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Two jobs of equal cost that cannot share a call (wide and tall): one arriving after the other has run
+    four steps starts at the other's virtual time, so they take turns instead of the late one running four
+    steps in a row to catch up (as it would from 0) or waiting for the other to finish."""
+    denoiser, emb = parts
+    calls = UNetCalls(denoiser, monkeypatch)
+
+    async def run():  # type: ignore[no-untyped-def]
+        batcher = StepBatcher(ThreadPoolExecutor(1), max_batch_size=8)
+        late = calls.submit_during(4, batcher, denoiser, DenoiseParams("tiny", 128, 64, 4, 5.0, "euler", 2), emb)
+        await batcher.submit(denoiser, DenoiseParams("tiny", 64, 128, 10, 5.0, "euler", 1), emb)
+        await late[0]
+
+    asyncio.run(run())
+    assert calls.log == ["W"] * 4 + ["T", "W"] * 4 + ["W"] * 2
