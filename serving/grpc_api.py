@@ -69,14 +69,20 @@ def set_status(grpc_context: Any, exc: BaseException) -> None:
         grpc_context.set_details(f"{exc.code}: {exc.message}")
 
 
-def to_request(msg: pb.GenerateRequest) -> JobRequest:
-    """The REST request model from a GenerateRequest, checked by the same validators."""
+def to_request(msg: pb.GenerateRequest, *, embed_images: bool = False) -> JobRequest:
+    """The REST request model from a GenerateRequest, checked by the same validators.
+
+    The image fields (``init_image``, ``mask``) are files on the wire. By default they stay out of the request:
+    pass them to ``GenerationService.prepare`` as they are (``uploads``), with no base64 copy. With
+    ``embed_images`` they go in as base64, the form a job stores its request in.
+    """
     fields: dict[str, Any] = {"prompt": msg.prompt, "n": msg.n or 1, "preview": msg.preview}
-    for name in ("model", "negative_prompt", "steps", "seed", "scheduler", "output_format"):
+    for name in ("model", "negative_prompt", "steps", "seed", "scheduler", "output_format", "resize_mode"):
         if msg.HasField(name):
             fields[name] = getattr(msg, name)
-    if msg.HasField("guidance_scale"):
-        fields["guidance_scale"] = round(msg.guidance_scale, 4)  # float32 on the wire
+    for name in ("guidance_scale", "strength"):
+        if msg.HasField(name):
+            fields[name] = round(getattr(msg, name), 4)  # float32 on the wire: 0.3 arrives as 0.30000001
     if msg.HasField("quality"):
         fields["output_compression"] = msg.quality
     if msg.HasField("width") != msg.HasField("height"):
@@ -89,10 +95,19 @@ def to_request(msg: pb.GenerateRequest) -> JobRequest:
         fields["upscale"] = {n: getattr(msg.upscale, n) for n in ("model", "factor") if msg.upscale.HasField(n)}
     if msg.HasField("safety"):
         fields["safety"] = msg.safety
+    if embed_images:
+        for name, data in zip(("init_image", "mask"), uploads(msg), strict=True):
+            if data is not None:
+                fields[name] = base64.b64encode(data).decode("ascii")
     try:
         return JobRequest.model_validate(fields)
     except ValidationError as exc:
         raise validation_error(exc.errors()) from exc
+
+
+def uploads(msg: pb.GenerateRequest) -> tuple[bytes | None, bytes | None]:
+    """The request's init image and mask files (None where empty: proto3 bytes cannot tell unset from empty)."""
+    return msg.init_image or None, msg.mask or None
 
 
 class GrpcApi:
@@ -103,15 +118,15 @@ class GrpcApi:
         self.jobs = jobs
 
     async def generate(self, msg: pb.GenerateRequest) -> pb.GenerateResponse:
-        body = to_request(msg)
-        req = self.service.prepare(body)
+        image, mask = uploads(msg)
+        req = self.service.prepare(to_request(msg), image=image, mask=mask)
         result = await self.service.generate(req)
         images = [(img, result.media_type, flag) for img, flag in result.delivered]
         return _response(images, result.settings())
 
     async def generate_stream(self, msg: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]:
         """Run the request as a job and stream its events. A caller that goes away cancels the job."""
-        job, _ = await self.jobs.submit(to_request(msg))
+        job, _ = await self.jobs.submit(to_request(msg, embed_images=True))  # a job keeps its images
         finished = False
         try:
             async for item in self.jobs.events(job.id):
@@ -209,6 +224,8 @@ def _response(images: list[tuple[bytes, str, bool | None]], settings: dict[str, 
         timings_ms=settings["timings_ms"],
         withheld=safety["withheld"] if safety else 0,
         upscale=pb.Upscale(model=upscale["model"], factor=upscale["factor"]) if upscale else None,
+        strength=settings.get("strength"),
+        inpainting=settings.get("inpainting"),
     )
 
 

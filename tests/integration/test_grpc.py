@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import time
 from collections.abc import Iterator
 
 import grpc
 import httpx
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -18,6 +20,28 @@ from serving.generated.sdserve.v1 import sdserve_pb2_grpc as pb_grpc
 from tests.integration.conftest import LiveService
 
 pytestmark = pytest.mark.integration
+
+
+def png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def init_png(width: int = 64, height: int = 64) -> bytes:
+    y, x = np.mgrid[0:height, 0:width]
+    return png(np.stack([x * 3, y * 3, np.full_like(x, 120)], axis=-1).astype(np.uint8))
+
+
+def mask_png(width: int = 64, height: int = 64) -> bytes:
+    """White (repaint) in the middle, black (keep) around it."""
+    mask = np.zeros((height, width), np.uint8)
+    mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
+    return png(mask, "L")
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +63,13 @@ def test_generate_returns_images_and_settings(live: LiveService, stub: pb_grpc.I
         assert image.media_type == "image/png"
         assert Image.open(io.BytesIO(image.data)).size == (96, 64)
     assert (response.model, response.seed, response.steps, response.scheduler) == ("tiny", 11, 3, "euler_a")
+    assert not response.HasField("strength") and not response.HasField("inpainting")  # text to image
     # The same request over REST gives the same bytes: one service layer under both transports.
     with live.client() as client:
         rest = client.post(
             "/v1/images/generations",
             json={"prompt": "a red apple", "size": "96x64", "n": 2, "steps": 3, "seed": 11, "scheduler": "euler_a"},
         ).json()
-    import base64
-
     assert base64.b64decode(rest["data"][0]["b64_json"]) == response.images[0].data
 
 
@@ -58,6 +81,10 @@ def test_generate_returns_images_and_settings(live: LiveService, stub: pb_grpc.I
         ({"prompt": "x", "width": 64}, grpc.StatusCode.INVALID_ARGUMENT, "height"),
         ({"prompt": "x", "scheduler": "nope"}, grpc.StatusCode.INVALID_ARGUMENT, "unknown scheduler"),
         ({"prompt": "x", "model": "nope"}, grpc.StatusCode.NOT_FOUND, "model_not_found"),
+        ({"prompt": "x", "init_image": b"not an image"}, grpc.StatusCode.INVALID_ARGUMENT, "init_image"),
+        ({"prompt": "x", "init_image": init_png(), "strength": 0.0}, grpc.StatusCode.INVALID_ARGUMENT, "strength"),
+        ({"prompt": "x", "mask": mask_png()}, grpc.StatusCode.INVALID_ARGUMENT, "need an init image"),
+        ({"prompt": "x", "resize_mode": "stretch"}, grpc.StatusCode.INVALID_ARGUMENT, "resize_mode"),
     ],
 )
 def test_errors_map_to_status_codes(
@@ -67,6 +94,46 @@ def test_errors_map_to_status_codes(
         stub.Generate(pb.GenerateRequest(**request_fields), metadata=live.grpc_metadata(), timeout=60)
     assert raised.value.code() == code
     assert detail in raised.value.details()
+
+
+def test_img2img_from_init_image_bytes_reports_strength(live: LiveService, stub: pb_grpc.ImageGenerationStub) -> None:
+    init = init_png(80, 72)  # not the default 64x64: the output takes the init image's size
+    request = pb.GenerateRequest(prompt="a lighthouse", init_image=init, strength=0.5, steps=4, seed=5)
+    response = stub.Generate(request, metadata=live.grpc_metadata(), timeout=120)
+    assert Image.open(io.BytesIO(response.images[0].data)).size == (80, 72)
+    assert (response.width, response.height, response.strength, response.inpainting) == (80, 72, 0.5, False)
+    assert response.HasField("inpainting")
+    # The same image sent to REST as base64 gives the same bytes.
+    with live.client() as client:
+        rest = client.post(
+            "/v1/images/generations",
+            json={"prompt": "a lighthouse", "init_image": b64(init), "strength": 0.5, "steps": 4, "seed": 5},
+        ).json()
+    assert base64.b64decode(rest["data"][0]["b64_json"]) == response.images[0].data
+
+
+def test_a_streamed_inpainting_job_keeps_its_image_and_mask(
+    live: LiveService, stub: pb_grpc.ImageGenerationStub
+) -> None:
+    request = pb.GenerateRequest(prompt="a boat", init_image=init_png(), mask=mask_png(), steps=3, seed=2)
+    events = list(stub.GenerateStream(request, metadata=live.grpc_metadata(), timeout=120))
+    result = events[-1].result
+    assert Image.open(io.BytesIO(result.images[0].data)).size == (64, 64)
+    assert (result.strength, result.inpainting) == (1.0, True)  # a mask repaints fully unless told otherwise
+    job = stub.GetJob(pb.GetJobRequest(job_id=events[0].job_id), metadata=live.grpc_metadata(), timeout=30)
+    assert job.state == pb.JOB_STATE_SUCCEEDED and (job.result.strength, job.result.inpainting) == (1.0, True)
+    # The job stored the files as base64; the unary call passed the bytes as they came: one picture.
+    unary = stub.Generate(request, metadata=live.grpc_metadata(), timeout=120)
+    assert unary.images[0].data == result.images[0].data
+
+
+def test_stream_refuses_a_bad_init_image_before_queueing(live: LiveService, stub: pb_grpc.ImageGenerationStub) -> None:
+    init = init_png()
+    request = pb.GenerateRequest(prompt="x", init_image=init[: len(init) // 2])  # truncated
+    with pytest.raises(grpc.RpcError) as raised:
+        list(stub.GenerateStream(request, metadata=live.grpc_metadata(), timeout=60))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "init_image" in raised.value.details()
 
 
 def test_list_models(live: LiveService, stub: pb_grpc.ImageGenerationStub) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import grpc
 import pytest
 
@@ -9,7 +11,7 @@ from serving.app import render_serve_config
 from serving.config import AppConfig
 from serving.errors import ApiError
 from serving.generated.sdserve.v1 import sdserve_pb2 as pb
-from serving.grpc_api import SERVICER_FUNCTIONS, grpc_status, to_request
+from serving.grpc_api import SERVICER_FUNCTIONS, grpc_status, to_request, uploads
 
 
 @pytest.mark.parametrize(
@@ -33,6 +35,30 @@ def test_request_translation_uses_the_rest_validators() -> None:
     with pytest.raises(ApiError) as raised:
         to_request(pb.GenerateRequest(prompt="x", width=100, height=64))
     assert raised.value.code == "invalid_request" and "multiples of 8" in raised.value.message
+
+
+def test_image_fields_reach_the_request() -> None:
+    msg = pb.GenerateRequest(prompt="x", init_image=b"\x89PNG init", mask=b"mask", strength=0.3, resize_mode="crop")
+    body = to_request(msg)
+    # 0.3 crosses the wire as float32 (0.30000001) and reaches the request as 0.3; the files stay bytes.
+    assert (body.strength, body.resize_mode, body.init_image, body.mask) == (0.3, "crop", None, None)
+    assert uploads(msg) == (b"\x89PNG init", b"mask")
+    # A job stores its request as JSON: the files go in as base64.
+    job = to_request(msg, embed_images=True)
+    assert (base64.b64decode(job.init_image or ""), base64.b64decode(job.mask or "")) == (b"\x89PNG init", b"mask")
+    plain = pb.GenerateRequest(prompt="x")
+    assert uploads(plain) == (None, None)
+    assert to_request(plain, embed_images=True).model_dump(exclude_unset=True) == {
+        "prompt": "x",
+        "n": 1,
+        "preview": False,
+    }
+
+
+def test_an_unknown_resize_mode_is_refused_naming_it() -> None:
+    with pytest.raises(ApiError) as raised:
+        to_request(pb.GenerateRequest(prompt="x", resize_mode="stretch"))
+    assert (raised.value.code, raised.value.param) == ("invalid_request", "resize_mode")
 
 
 def test_serve_config_carries_grpc_options() -> None:

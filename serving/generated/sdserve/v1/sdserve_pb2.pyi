@@ -24,7 +24,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "model", "negative_prompt", "width", "height", "n", "steps", "guidance_scale", "seed", "scheduler", "output_format", "quality", "preview", "user", "upscale", "safety")
+    __slots__ = ("prompt", "model", "negative_prompt", "width", "height", "n", "steps", "guidance_scale", "seed", "scheduler", "output_format", "quality", "preview", "user", "upscale", "safety", "init_image", "mask", "strength", "resize_mode")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,10 @@ class GenerateRequest(_message.Message):
     USER_FIELD_NUMBER: _ClassVar[int]
     UPSCALE_FIELD_NUMBER: _ClassVar[int]
     SAFETY_FIELD_NUMBER: _ClassVar[int]
+    INIT_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_MODE_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     model: str
     negative_prompt: str
@@ -57,7 +61,11 @@ class GenerateRequest(_message.Message):
     user: str
     upscale: Upscale
     safety: str
-    def __init__(self, prompt: _Optional[str] = ..., model: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., n: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ..., preview: _Optional[bool] = ..., user: _Optional[str] = ..., upscale: _Optional[_Union[Upscale, _Mapping]] = ..., safety: _Optional[str] = ...) -> None: ...
+    init_image: bytes
+    mask: bytes
+    strength: float
+    resize_mode: str
+    def __init__(self, prompt: _Optional[str] = ..., model: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., n: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ..., preview: _Optional[bool] = ..., user: _Optional[str] = ..., upscale: _Optional[_Union[Upscale, _Mapping]] = ..., safety: _Optional[str] = ..., init_image: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., strength: _Optional[float] = ..., resize_mode: _Optional[str] = ...) -> None: ...
 
 class Upscale(_message.Message):
     __slots__ = ("model", "factor")
@@ -78,7 +86,7 @@ class Image(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., media_type: _Optional[str] = ..., flagged: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("images", "model", "model_version", "seed", "width", "height", "steps", "guidance_scale", "scheduler", "timings_ms", "withheld", "upscale")
+    __slots__ = ("images", "model", "model_version", "seed", "width", "height", "steps", "guidance_scale", "scheduler", "timings_ms", "withheld", "upscale", "strength", "inpainting")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +106,8 @@ class GenerateResponse(_message.Message):
     TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
     WITHHELD_FIELD_NUMBER: _ClassVar[int]
     UPSCALE_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    INPAINTING_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     model: str
     model_version: str
@@ -110,7 +120,9 @@ class GenerateResponse(_message.Message):
     timings_ms: _containers.ScalarMap[str, float]
     withheld: int
     upscale: Upscale
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., withheld: _Optional[int] = ..., upscale: _Optional[_Union[Upscale, _Mapping]] = ...) -> None: ...
+    strength: float
+    inpainting: bool
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., withheld: _Optional[int] = ..., upscale: _Optional[_Union[Upscale, _Mapping]] = ..., strength: _Optional[float] = ..., inpainting: _Optional[bool] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("job_id", "queued", "progress", "result")

@@ -27,8 +27,9 @@ if _version_not_supported:
 
 
 class ImageGenerationStub:
-    """Text-to-image generation. Served through Ray Serve's gRPC proxy (port 9000 by default); with more than
-    one Serve application on the cluster, send the metadata `application: <app_name>` with each call.
+    """Text to image, image to image and inpainting. Served through Ray Serve's gRPC proxy (port 9000 by
+    default); with more than one Serve application on the cluster, send the metadata `application: <app_name>`
+    with each call.
     """
 
     def __init__(self, channel):
@@ -65,8 +66,9 @@ class ImageGenerationStub:
 
 
 class ImageGenerationServicer:
-    """Text-to-image generation. Served through Ray Serve's gRPC proxy (port 9000 by default); with more than
-    one Serve application on the cluster, send the metadata `application: <app_name>` with each call.
+    """Text to image, image to image and inpainting. Served through Ray Serve's gRPC proxy (port 9000 by
+    default); with more than one Serve application on the cluster, send the metadata `application: <app_name>`
+    with each call.
     """
 
     def Generate(self, request, context):
@@ -142,8 +144,9 @@ def add_ImageGenerationServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ImageGeneration:
-    """Text-to-image generation. Served through Ray Serve's gRPC proxy (port 9000 by default); with more than
-    one Serve application on the cluster, send the metadata `application: <app_name>` with each call.
+    """Text to image, image to image and inpainting. Served through Ray Serve's gRPC proxy (port 9000 by
+    default); with more than one Serve application on the cluster, send the metadata `application: <app_name>`
+    with each call.
     """
 
     @staticmethod
