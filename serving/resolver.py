@@ -20,6 +20,7 @@ from models.contracts import OutputFormat, SafetyParams, UpscaleParams
 from serving import uploads
 from serving.config import SAFETY_STRICTNESS, AppConfig, SafetyMode
 from serving.errors import ApiError, invalid
+from serving.outputs import IMAGE_ID_PATTERN
 from serving.schemas import ImageGenerationRequest, UpscaleRequest
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ CHARS_PER_TOKEN = 32
 # repaint with a mask (diffusers' inpaint default, and what an inpainting model is trained for).
 IMG2IMG_STRENGTH = 0.75
 INPAINT_STRENGTH = 1.0
-_IMAGE_ID = re.compile(r"[0-9a-f]{32}\.(?:png|jpg|webp)")
+_IMAGE_ID = re.compile(IMAGE_ID_PATTERN)
 
 MaskSource = Literal["luminance", "alpha"]
 

@@ -161,3 +161,72 @@ def test_safety_mode_per_request(mode: str, allow: bool, asked: str | None, expe
     assert (safety.mode if safety else None) == expected
     if safety:
         assert safety.checker == "checker"
+
+
+def png_b64(width: int, height: int, mode: str = "RGB", value: int = 128) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new(mode, (width, height), value).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def test_init_image_sets_the_size_rounded_down_and_the_default_strength():
+    r = resolver()
+    req = r.resolve(ImageGenerationRequest(prompt="x", init_image=png_b64(100, 70)))
+    assert (req.width, req.height) == (96, 64)
+    assert req.init is not None and req.init.pixels.shape == (64, 96, 3) and req.init.mask is None
+    assert req.init.strength == 0.75
+    masked = r.resolve(ImageGenerationRequest(prompt="x", init_image=png_b64(64, 64), mask=png_b64(64, 64, "L", 255)))
+    assert masked.init is not None and masked.init.strength == 1.0 and masked.init.mask is not None
+    sized = r.resolve(ImageGenerationRequest(prompt="x", size="128x64", init_image=png_b64(64, 64), strength=0.4))
+    assert sized.init is not None and sized.init.pixels.shape == (64, 128, 3) and sized.init.strength == 0.4
+
+
+def test_init_image_errors_name_the_field():
+    r = resolver(max_upload_pixels=100 * 100)
+    assert refused(r, init_image=png_b64(128, 128)).param == "init_image"  # over the pixel limit
+    assert refused(r, init_image=png_b64(64, 64), mask=png_b64(32, 32, "L", 255)).param == "mask"
+    assert refused(r, init_image=png_b64(64, 64), strength=1.2).param == "strength"
+    assert refused(r, init_image=png_b64(64, 64), strength=0.2).param == "strength"  # int(4 * 0.2) = 0 steps
+    assert refused(r, mask=png_b64(64, 64, "L", 255)).param == "init_image"
+    assert refused(r, init_image="0123456789abcdef0123456789abcdef.png").param == "init_image"  # unknown id
+
+
+def test_init_image_by_id_uses_the_lookup():
+    import base64
+
+    r = resolver()
+    image_id = "0123456789abcdef0123456789abcdef.png"
+    r.lookup_image = {image_id: base64.b64decode(png_b64(72, 64))}.get
+    req = r.resolve(ImageGenerationRequest(prompt="x", init_image=image_id))
+    assert (req.width, req.height) == (72, 64)
+
+
+@pytest.mark.parametrize(
+    ("scale", "resize", "size"),
+    [(2.0, (0, 0), (128, 192)), (1.5, (0, 0), (96, 144)), (2.0, (200, 0), (200, 296)), (2.0, (0, 100), (64, 96))],
+)
+def test_hires_fix_target_size(scale: float, resize: tuple[int, int], size: tuple[int, int]):
+    r = resolver()
+    base = r.resolve(ImageGenerationRequest(prompt="x", size="64x96"))
+    req = r.hires_fix(base, scale, resize, None, 0, 0.5)
+    assert req.hires is not None and (req.hires.width, req.hires.height) == size
+    assert req.hires.steps == base.steps and req.hires.upscaler is None
+
+
+def test_hires_fix_refusals():
+    r = resolver(max_size=512)
+    base = r.resolve(ImageGenerationRequest(prompt="x", size="64x64"))
+    with pytest.raises(ApiError) as too_big:
+        r.hires_fix(base, 9.0, (0, 0), None, 0, 0.5)
+    assert too_big.value.param == "hr_scale"
+    with pytest.raises(ApiError) as unknown:
+        r.hires_fix(base, 2.0, (0, 0), "nope", 0, 0.5)
+    assert (unknown.value.status, unknown.value.param) == (404, "hr_upscaler")
+    with pytest.raises(ApiError) as weak:
+        r.hires_fix(base, 2.0, (0, 0), None, 0, 0.1)
+    assert weak.value.param == "denoising_strength"
