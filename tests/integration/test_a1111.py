@@ -95,7 +95,8 @@ def test_unsupported_and_invalid_fields_use_the_error_shape(live: LiveService) -
     with live.client() as client:
         for body, status, param in (
             ({"prompt": "x", "sampler_name": "Euler z"}, 422, "sampler_name"),
-            ({"prompt": "x", "enable_hr": True}, 422, "enable_hr"),
+            ({"prompt": "x", "tiling": True}, 422, "tiling"),
+            ({"prompt": "x", "init_images": ["abc"]}, 422, "init_images"),  # txt2img is not img2img
             ({"prompt": "x", "steps": 500}, 422, "steps"),
             ({"prompt": "x", "batch_size": 9}, 422, "batch_size"),
             ({"prompt": "x", "cfg_scale": 31}, 422, "cfg_scale"),
@@ -125,6 +126,8 @@ def test_models_and_samplers(live: LiveService) -> None:
     names = {s["name"]: s for s in samplers}
     assert {"Euler a", "Euler", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "PLMS"} <= set(names)
     assert "k_euler_a" in names["Euler a"]["aliases"]
+    with live.client() as client:
+        assert client.get("/sdapi/v1/latent-upscale-modes").json() == [{"name": "Latent"}]
 
 
 def test_progress_and_interrupt(live: LiveService) -> None:
@@ -147,3 +150,158 @@ def test_progress_and_interrupt(live: LiveService) -> None:
         worker.join(timeout=600)  # uninterrupted, the call would return three images instead
         assert not worker.is_alive()
     assert result["images"] == [] and json.loads(result["info"])["interrupted"] is True
+
+
+# img2img and inpainting. Small images and few steps keep these fast; the tiny model's pictures are noise, so any
+# repainted pixel differs from the init image's.
+INIT = np.random.default_rng(7).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+IMG2IMG = {"prompt": "a red door", "steps": 4, "seed": 99, "width": 64, "height": 64, "sampler_name": "Euler"}
+
+
+def _png(pixels: np.ndarray) -> str:
+    """base64 PNG of an (H, W, 3) RGB or (H, W) grayscale uint8 array."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def _square_mask(shape: tuple[int, int], rows: slice, cols: slice, inside: int = 255) -> np.ndarray:
+    mask = np.full(shape, 255 - inside, dtype=np.uint8)
+    mask[rows, cols] = inside
+    return mask
+
+
+def test_img2img_returns_the_requested_size_and_reports_the_strength(live: LiveService) -> None:
+    wide = np.random.default_rng(8).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    body = {**IMG2IMG, "init_images": [f"data:image/png;base64,{_png(wide)}"], "denoising_strength": 0.5}
+    with live.client() as client:
+        response = client.post("/sdapi/v1/img2img", json={**body, "resize_mode": 1})
+        assert response.status_code == 200, response.text
+        result = response.json()
+        txt2img = client.post("/sdapi/v1/txt2img", json=IMG2IMG).json()
+    assert set(result) == {"images", "parameters", "info"}
+    assert len(result["images"]) == 1 and _pixels(result["images"][0]).shape == (64, 64, 3)
+    info = json.loads(result["info"])
+    assert info["denoising_strength"] == 0.5 and (info["width"], info["height"]) == (64, 64)
+    assert "Size: 64x64, Model: tiny, Denoising strength: 0.5" in info["infotexts"][0]
+    assert result["parameters"]["init_images"] is None  # not echoed unless include_init_images
+    # The init image was used: the same seed without it is another picture.
+    assert result["images"][0] != txt2img["images"][0]
+
+
+def test_img2img_inpainting_with_blur_and_inverted_mask(live: LiveService) -> None:
+    """Black marks the region to repaint when inverted; the blur widens it by a few pixels, no more."""
+    mask = _square_mask((64, 64), slice(0, 16), slice(0, 16), inside=0)
+    body = {**IMG2IMG, "init_images": [_png(INIT)], "mask": _png(mask), "mask_blur": 4}
+    with live.client() as client:
+        inverted = client.post("/sdapi/v1/img2img", json={**body, "inpainting_mask_invert": 1})
+        assert inverted.status_code == 200, inverted.text
+        plain = client.post("/sdapi/v1/img2img", json=body).json()
+    out, other = _pixels(inverted.json()["images"][0]), _pixels(plain["images"][0])
+    assert (out[:16, :16] != INIT[:16, :16]).any()
+    assert (out[32:, 32:] == INIT[32:, 32:]).all()  # beyond the blur's reach: the init image's own pixels
+    assert (other[32:, 32:] != INIT[32:, 32:]).any()  # not inverted, the other region is repainted
+    params = json.loads(inverted.json()["info"])["extra_generation_params"]
+    assert params["Mask blur"] == 4 and params["Mask mode"] == "Inpaint not masked"
+
+
+def test_img2img_pixels_outside_the_mask_are_the_init_image(live: LiveService) -> None:
+    """A1111's overlay: the generated image is composited over the init image with the mask as alpha, so a pixel
+    the mask keeps is returned exactly as sent, with either masked content."""
+    mask = _square_mask((64, 64), slice(16, 48), slice(16, 48))
+    body = {**IMG2IMG, "init_images": [_png(INIT)], "mask": _png(mask), "mask_blur": 0}
+    with live.client() as client:
+        original, fill = (
+            client.post("/sdapi/v1/img2img", json={**body, "inpainting_fill": content}).json() for content in (1, 0)
+        )
+    kept = mask == 0
+    for result in (original, fill):
+        out = _pixels(result["images"][0])
+        assert (out[kept] == INIT[kept]).all()
+        assert (out[~kept] != INIT[~kept]).any()
+    # "fill" starts the region from its surroundings' colours instead of the pixels that were there.
+    assert original["images"][0] != fill["images"][0]
+    assert json.loads(fill["info"])["extra_generation_params"]["Masked content"] == "fill"
+
+
+def test_inpaint_full_res_pastes_the_region_back_into_the_whole_image(live: LiveService) -> None:
+    """'Only masked': the mask's padded region is inpainted at 64x64 and composited into the 128x96 init image,
+    which is what comes back; every pixel beyond the padded region is the init image's."""
+    init = np.random.default_rng(9).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    mask = _square_mask((96, 128), slice(40, 56), slice(60, 76))
+    body = {
+        **IMG2IMG,
+        "init_images": [_png(init)],
+        "mask": _png(mask),
+        "mask_blur": 4,
+        "inpaint_full_res": True,
+        "inpaint_full_res_padding": 8,
+    }
+    with live.client() as client:
+        response = client.post("/sdapi/v1/img2img", json=body)
+    assert response.status_code == 200, response.text
+    out = _pixels(response.json()["images"][0])
+    assert out.shape == (96, 128, 3)
+    # The blur spreads the mask by under 12 pixels and the padding adds 8: the crop is inside rows 20-76, cols 40-96.
+    outside = np.ones((96, 128), dtype=bool)
+    outside[20:76, 40:96] = False
+    assert (out[outside] == init[outside]).all()
+    assert (out[44:52, 64:72] != init[44:52, 64:72]).any()
+    info = json.loads(response.json()["info"])
+    assert (info["width"], info["height"]) == (128, 96)
+    assert info["extra_generation_params"]["Inpaint area"] == "Only masked"
+
+
+@pytest.mark.parametrize(
+    ("upscaler", "fields", "size", "reported"),
+    [
+        ("Latent", {"hr_scale": 2}, 128, "Latent"),
+        ("x4", {"hr_scale": 2}, 128, "x4"),
+        ("Latent (nearest)", {"hr_resize_x": 96}, 96, "Latent"),  # every latent variant runs as "Latent"
+    ],
+)
+def test_txt2img_hires_fix(live: LiveService, upscaler: str, fields: dict, size: int, reported: str) -> None:
+    body = {**IMG2IMG, "steps": 3, "enable_hr": True, "hr_upscaler": upscaler, **fields}
+    with live.client() as client:
+        response = client.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    assert _pixels(response.json()["images"][0]).shape == (size, size, 3)
+    info = json.loads(response.json()["info"])
+    assert (info["width"], info["height"]) == (size, size)
+    assert info["enable_hr"] is True and info["hr_upscaler"] == reported
+    assert info["denoising_strength"] == 0.7  # A1111's default for the hires pass
+    assert "Size: 64x64" in info["infotexts"][0] and f"Hires upscaler: {reported}" in info["infotexts"][0]
+
+
+def test_img2img_and_hires_refusals_name_a1111_fields(live: LiveService) -> None:
+    init = _png(INIT)
+    small_mask = _png(np.full((32, 32), 255, dtype=np.uint8))
+    black, white = (_png(np.full((64, 64), v, dtype=np.uint8)) for v in (0, 255))
+    with live.client() as client:
+        for path, body, status, param in (
+            ("img2img", {"init_images": ["%%% not base64 %%%"]}, 422, "init_images"),
+            ("img2img", {"init_images": [base64.b64encode(b"not an image").decode()]}, 422, "init_images"),
+            ("img2img", {"init_images": []}, 422, "init_images"),
+            ("img2img", {"init_images": [init, init]}, 422, "init_images"),
+            ("img2img", {}, 422, "init_images"),
+            ("img2img", {"init_images": [init], "denoising_strength": 0}, 422, "denoising_strength"),
+            ("img2img", {"init_images": [init], "denoising_strength": 1.5}, 422, "denoising_strength"),
+            ("img2img", {"init_images": [init], "denoising_strength": 0.1}, 422, "denoising_strength"),  # 0 steps
+            ("img2img", {"init_images": [init], "mask": small_mask}, 422, "mask"),
+            ("img2img", {"init_images": [init], "mask": black}, 422, "mask"),
+            ("img2img", {"init_images": [init], "mask": white, "inpainting_mask_invert": 1}, 422, "mask"),
+            ("img2img", {"init_images": [init], "mask": "bm90IGFuIGltYWdl"}, 422, "mask"),
+            ("img2img", {"init_images": [init], "resize_mode": 4}, 422, "resize_mode"),
+            ("img2img", {"init_images": [init], "cfg_scale": 31}, 422, "cfg_scale"),
+            ("txt2img", {"enable_hr": True, "hr_upscaler": "nope"}, 404, "hr_upscaler"),
+            ("txt2img", {"enable_hr": True, "hr_scale": 16}, 422, "hr_scale"),
+            ("txt2img", {"enable_hr": True, "denoising_strength": 0}, 422, "denoising_strength"),
+            ("txt2img", {"enable_hr": True, "hr_prompt": "something else"}, 422, "hr_prompt"),
+        ):
+            response = client.post(f"/sdapi/v1/{path}", json={**IMG2IMG, **body})
+            assert response.status_code == status, (body, response.text)
+            assert response.json()["error"]["param"] == param, (body, response.text)
