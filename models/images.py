@@ -26,15 +26,9 @@ def encode_image(pixels: np.ndarray, output_format: str, quality: int | None = N
     return buffer.getvalue()
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) of an image file, from its header (nothing is decompressed)."""
-    with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
-        return int(width), int(height)
-
-
 def decode_image(data: bytes) -> np.ndarray:
-    """An image file (PNG / JPEG / WebP, any mode) as an (H, W, 3) uint8 RGB array."""
+    """An image file this service made, as an (H, W, 3) uint8 RGB array (untrusted uploads go through
+    ``serving.uploads``, which decodes within limits)."""
     with Image.open(io.BytesIO(data)) as image:
         return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
 

@@ -28,7 +28,7 @@ from PIL import Image, ImageFilter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.contracts import DenoiseProgress, Pixels
-from models.images import decode_image, encode_image, image_size
+from models.images import decode_image, encode_image
 from models.schedulers import SCHEDULERS
 from serving import uploads
 from serving.errors import ApiError, content_policy_violation, invalid, validation_error
@@ -487,20 +487,19 @@ class A1111Api:
             raise invalid("only resize_mode 0 (scale by upscaling_resize) is supported", "resize_mode")
         if body.upscaler_1 in (None, "", "None"):
             raise invalid("choose an upscaler from /sdapi/v1/upscalers", "upscaler_1")
-        try:
-            data = base64.b64decode(body.image.partition(",")[2] if body.image.startswith("data:") else body.image)
-            width, height = image_size(data)  # the header only: limits are checked before anything is decoded
-        except Exception as exc:
-            raise invalid(f"image is not a base64 PNG, JPEG or WebP image ({type(exc).__name__})", "image") from exc
+        # Untrusted: decoded within the upload limits (bytes, declared pixels, formats) before anything else.
+        limits = self.service.config.limits
+        data = uploads.decode_base64(body.image, "image", limits.max_upload_bytes)
+        image = await asyncio.to_thread(
+            uploads.read_image, data, "image", max_bytes=limits.max_upload_bytes, max_pixels=limits.max_upload_pixels
+        )
+        pixels = image.rgb
+        height, width = pixels.shape[:2]
         upscale = UpscaleRequest(model=body.upscaler_1, factor=body.upscaling_resize)
         try:
             req = self.service.resolver.resolve_postprocess(width, height, upscale, "png")
         except ApiError as err:
             raise _a1111_names(err, _EXTRAS_FIELDS) from err
-        try:
-            pixels = decode_image(data)
-        except Exception as exc:
-            raise invalid(f"image could not be decoded ({type(exc).__name__})", "image") from exc
         result = await self.service.postprocess(req, Pixels(pixels[None], model_version=""))
         return {"html_info": _extras_info(result), "image": base64.b64encode(result.delivered[0][0]).decode("ascii")}
 
