@@ -282,9 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--size", choices=sorted(TEST_MODEL_SIZES), default="tiny")
     create.add_argument("--seed", type=int, default=0)
     create.add_argument("--dtype", choices=["float32", "float16"], help="weight dtype on disk (default: per size)")
-    create.add_argument(
-        "--inpainting", action="store_true", help="the inpainting layout: a UNet with 9 input channels"
-    )
+    create.add_argument("--inpainting", action="store_true", help="the inpainting layout: a UNet with 9 input channels")
     create.set_defaults(func=cmd_create_test)
 
     def registry_command(name: str, help: str, func: Any) -> argparse.ArgumentParser:
