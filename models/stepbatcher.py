@@ -33,7 +33,7 @@ class _Pending:
     future: asyncio.Future[Latents]
     on_progress: Callable[[DenoiseProgress], None] | None = None
     preview: bool = False
-    vtime: int = 0  # virtual time: the step cost this job has been charged (see ``step_cost``)
+    vtime: float = 0.0  # virtual time: where it started plus the step cost it has been charged (``step_cost``)
 
 
 def step_cost(job: DenoiseJob) -> int:
@@ -52,9 +52,11 @@ class StepBatcher:
     least virtual time, the one that waited longest among equals; with ``fair=False`` it is simply the one
     that waited longest (round robin across batch keys, whatever a step costs).
 
-    New requests join at the next step, at the virtual time of the call in flight (the least among running
-    jobs when that call was chosen): they neither start at 0 and hold the others up until they catch up, nor
-    queue behind the compute the others have already had. Finished or cancelled jobs leave.
+    New requests join at the next step, at the system's virtual time: at least the virtual time of the call in
+    flight, advanced after each call by the share of it each running job would have had. So they neither start
+    at 0 and hold the others up until they catch up, nor queue behind the compute the others have already had,
+    and a stream of arrivals cannot hold back a job they cannot share calls with: the clock they start at
+    passes its virtual time. Finished or cancelled jobs leave.
     """
 
     def __init__(
@@ -70,7 +72,8 @@ class StepBatcher:
         self.fair = fair
         self._running: list[_Pending] = []
         self._starting: set[asyncio.Future[DenoiseJob]] = set()  # jobs being prepared, about to join
-        self._clock = 0  # virtual time of the latest call: where new jobs start
+        self._clock = 0.0  # system virtual time: where new jobs start
+        self._sharing = 1  # running jobs when the call in flight was chosen
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.batch_sizes: list[int] = []  # images per UNet call, most recent last (bounded)
@@ -92,11 +95,12 @@ class StepBatcher:
         with a low-resolution preview when ``preview`` is set; ``image``: the init image's latents, if any.
         Cancelling the caller stops the job before its next step."""
         loop = asyncio.get_running_loop()
+        joined_at = self._clock  # the virtual time it arrived at, not the later one its preparation ends at
         start = loop.run_in_executor(self.executor, stage.start, params, embeddings, image)
         self._starting.add(start)
         try:
             job = await start
-            pending = _Pending(job, stage, loop.create_future(), on_progress, preview, vtime=self._clock)
+            pending = _Pending(job, stage, loop.create_future(), on_progress, preview, vtime=joined_at)
             self._running.append(pending)
         finally:
             self._starting.discard(start)
@@ -139,7 +143,8 @@ class StepBatcher:
             return []
         # min() keeps the first of equals: the one that has waited longest.
         head = min(self._running, key=lambda p: p.vtime) if self.fair else self._running[0]
-        self._clock = head.vtime
+        self._clock = max(self._clock, head.vtime)
+        self._sharing = len(self._running)
         key = (id(head.stage), head.job.batch_key())
         batch = [head]
         images = head.job.latents.shape[0]
@@ -178,8 +183,14 @@ class StepBatcher:
                     if not p.future.done():
                         p.future.set_exception(exc)
                 continue
+            charged = 0
             for p in batch:
                 p.vtime += step_cost(p.job)
+                charged += step_cost(p.job)
+            # The clock advances by what each running job would have had of this call under equal shares, so
+            # jobs that keep arriving start later and later: a job that cannot share their calls (a large
+            # one) gets its turn even when one arrives every call.
+            self._clock += charged / max(self._sharing, 1)
             self.batch_sizes.append(sum(p.job.latents.shape[0] for p in batch))
             del self.batch_sizes[:-1000]
             if self.on_step is not None:

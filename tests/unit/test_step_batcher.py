@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -219,3 +220,26 @@ def test_late_job_is_neither_starved_nor_starving(parts, monkeypatch) -> None:  
 
     asyncio.run(run())
     assert calls.log == ["W"] * 4 + ["T", "W"] * 4 + ["W"] * 2
+
+
+def test_a_stream_of_arrivals_does_not_starve_a_large_job(parts, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A small request arriving during every UNet call (saturation, or few-step models): the large job still
+    gets a step at least once per cost ratio's worth of small calls, and finishes while they keep coming."""
+    denoiser, emb = parts
+    calls = UNetCalls(denoiser, monkeypatch)
+    arrivals = 6 * COST_RATIO
+
+    async def run():  # type: ignore[no-untyped-def]
+        batcher = StepBatcher(ThreadPoolExecutor(1), max_batch_size=8)
+        late = [calls.submit_during(n, batcher, denoiser, small(3, n), emb) for n in range(1, arrivals + 1)]
+        first = await batcher.submit(denoiser, large(3), emb)
+        while not all(late):
+            await asyncio.sleep(0.01)
+        return first, await asyncio.gather(*(tasks[0] for tasks in late))
+
+    first, rest = asyncio.run(run())
+    assert first.steps_run == 3 and len(rest) == arrivals
+    large_calls = [i for i, call in enumerate(calls.log) if call == "L"]
+    assert len(large_calls) == 3 and large_calls[-1] < arrivals  # done while requests still arrive
+    gaps = [b - a for a, b in itertools.pairwise(large_calls)]
+    assert max(gaps) <= 2 * COST_RATIO
