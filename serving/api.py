@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -12,6 +13,7 @@ from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.convertors import Convertor, register_url_convertor
+from starlette.exceptions import HTTPException
 
 from models.schedulers import SCHEDULERS
 from serving.a1111 import A1111Api, create_router
@@ -55,12 +57,21 @@ _FILE_FIELDS = {"image": "image", "image[]": "image", "mask": "mask"}
 
 async def read_edit_form(request: Request, max_bytes: int) -> tuple[ImageGenerationRequest, bytes, bytes | None]:
     """The edit request's fields (form strings converted as JSON would be), its image and its mask."""
-    from starlette.datastructures import UploadFile
-
     try:
         form = await request.form(max_files=3, max_fields=64)
+    except HTTPException:  # the body size limit (413)
+        raise
     except Exception as exc:  # not multipart, or malformed
         raise invalid(f"expected a multipart/form-data body: {exc}") from exc
+    try:
+        return await _edit_fields(form, max_bytes)
+    finally:
+        await form.close()
+
+
+async def _edit_fields(form: Any, max_bytes: int) -> tuple[ImageGenerationRequest, bytes, bytes | None]:
+    from starlette.datastructures import UploadFile
+
     files: dict[str, bytes] = {}
     fields: dict[str, Any] = {}
     for key, value in form.multi_items():
@@ -78,7 +89,6 @@ async def read_edit_form(request: Request, max_bytes: int) -> tuple[ImageGenerat
             files[name] = data
         else:
             fields[key] = value
-    await form.close()
     if "image" not in files:
         raise invalid("send the image to edit as the `image` file field", "image")
     for key in ("init_image", "mask"):
@@ -189,7 +199,7 @@ def create_api(
     @app.post("/v1/images/generations", response_model=ImageGenerationResponse, responses=_ERRORS)
     async def generate(body: ImageGenerationRequest, request: Request) -> JSONResponse:
         """Text to image; with `init_image` image to image, with `mask` too inpainting."""
-        req = service.prepare(body)
+        req = await asyncio.to_thread(service.prepare, body)  # may decode an uploaded image: off the event loop
         return await respond(body, req, request)
 
     @app.post(
@@ -204,7 +214,7 @@ def create_api(
         whole, image to image), `prompt`, `n`, `size`, `response_format`, and the generation endpoint's other
         flat fields (`negative_prompt`, `steps`, `seed`, `strength`, ...)."""
         body, image, mask = await read_edit_form(request, config.limits.max_upload_bytes)
-        req = service.prepare(body, image=image, mask=mask, mask_source="alpha")
+        req = await asyncio.to_thread(service.prepare, body, image, mask, "alpha")
         return await respond(body, req, request)
 
     async def respond(body: ImageGenerationRequest, req: GenerationRequest, request: Request) -> JSONResponse:

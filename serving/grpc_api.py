@@ -119,7 +119,8 @@ class GrpcApi:
 
     async def generate(self, msg: pb.GenerateRequest) -> pb.GenerateResponse:
         image, mask = uploads(msg)
-        req = self.service.prepare(to_request(msg), image=image, mask=mask)
+        # Decoding the uploads is CPU work: off the event loop.
+        req = await asyncio.to_thread(self.service.prepare, to_request(msg), image, mask)
         result = await self.service.generate(req)
         images = [(img, result.media_type, flag) for img, flag in result.delivered]
         return _response(images, result.settings())

@@ -67,7 +67,8 @@ class JobManager:
         """Check the request and queue it; return (job, created). A retried submit with the same
         idempotency key returns the first job (and takes no place in the queue); the same key with a different
         request is a 422. A full job queue or job store is a 503 ``overloaded``."""
-        req = self.service.prepare(body)  # a bad request fails here, as a 422, not later as a failed job
+        # A bad request fails here, as a 422, not later as a failed job (off the event loop: it may decode images).
+        req = await asyncio.to_thread(self.service.prepare, body)
         request = body.model_dump(mode="json", exclude_unset=True)
         now = time.time()
         job = JobRecord(

@@ -8,6 +8,7 @@ no Ray: unit tests drive it directly.
 
 from __future__ import annotations
 
+import math
 import re
 import secrets
 from collections.abc import Callable
@@ -124,6 +125,18 @@ class RequestResolver:
                     f"({limits.max_prompt_tokens} CLIP tokens) are accepted",
                     name,
                 )
+        steps = req.steps if req.steps is not None else defaults.steps
+        if steps > limits.max_steps:
+            raise invalid(f"steps must be at most {limits.max_steps}", "steps")
+        if req.n > limits.max_images:
+            raise invalid(f"n must be at most {limits.max_images}", "n")
+        guidance = req.guidance_scale if req.guidance_scale is not None else defaults.guidance_scale
+        if guidance > limits.max_guidance_scale:
+            raise invalid(f"guidance_scale must be at most {limits.max_guidance_scale:g}", "guidance_scale")
+        if req.size:
+            asked_w, asked_h = (int(v) for v in req.size.split("x"))
+            self.check_size(asked_w, asked_h)
+        # Uploads last: the cheap checks above refuse a bad request before any image is decoded.
         if image is None and req.init_image is not None:
             image = self.upload(req.init_image, "init_image")
         if mask is None and req.mask is not None:
@@ -133,19 +146,13 @@ class RequestResolver:
         init = None
         if image is not None:
             init, width, height = self.init_image(req, image, mask, mask_source)
+            if int(steps * init.strength) < 1:
+                raise invalid(
+                    f"strength {init.strength:g} x {steps} steps leaves no step to run; raise either", "strength"
+                )
         else:
             width, height = (int(v) for v in (req.size or defaults.size).split("x"))
         self.check_size(width, height)
-        steps = req.steps if req.steps is not None else defaults.steps
-        if steps > limits.max_steps:
-            raise invalid(f"steps must be at most {limits.max_steps}", "steps")
-        if init is not None and int(steps * init.strength) < 1:
-            raise invalid(f"strength {init.strength:g} x {steps} steps leaves no step to run; raise either", "strength")
-        if req.n > limits.max_images:
-            raise invalid(f"n must be at most {limits.max_images}", "n")
-        guidance = req.guidance_scale if req.guidance_scale is not None else defaults.guidance_scale
-        if guidance > limits.max_guidance_scale:
-            raise invalid(f"guidance_scale must be at most {limits.max_guidance_scale:g}", "guidance_scale")
         return GenerationRequest(
             upscale=self.upscale(req.upscale, width, height),
             safety=self.safety(req.safety),
@@ -235,6 +242,12 @@ class RequestResolver:
         if req.init is not None:
             raise invalid("the hires fix is for text to image; leave out init_image", "enable_hr")
         rx, ry = resize
+        limit = self.config.limits.max_size
+        if not math.isfinite(scale) or scale > limit:
+            raise invalid("hr_scale must be a finite number", param)
+        for name, value in (("hr_resize_x", rx), ("hr_resize_y", ry)):
+            if value > limit:
+                raise invalid(f"{name} {value} is above limits.max_size ({limit})", name)
         if rx <= 0 and ry <= 0:
             if scale <= 1.0 and scale != 1.0:
                 raise invalid("hr_scale must be at least 1", param)
@@ -257,6 +270,13 @@ class RequestResolver:
             upscalers = self.models.artifacts.get("upscalers", {})
             if upscaler not in upscalers:
                 raise ApiError(404, "upscaler_not_found", f"upscaler {upscaler!r} is not served", "hr_upscaler")
+            factor = width / req.width
+            if not 1.0 < factor <= self.config.limits.max_upscale_factor:
+                raise invalid(
+                    f"an upscaler enlarges by more than 1 and at most {self.config.limits.max_upscale_factor:g} "
+                    f"(limits.max_upscale_factor), not {factor:g}; use a latent upscale for this size",
+                    param,
+                )
         if req.upscale is not None:
             req = replace(req, upscale=self.upscale_checked(req.upscale, width, height))
         return replace(req, hires=HiresFix(width, height, steps, strength, upscaler))

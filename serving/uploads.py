@@ -166,14 +166,18 @@ def fit(array: np.ndarray, width: int, height: int, mode: ResizeMode) -> np.ndar
         return _resize(array, width, height)
     box_ratio, src_ratio = width / height, src_w / src_h
     cover = mode == "crop"
-    if (box_ratio > src_ratio) == cover:  # width decides the scale
-        new_w, new_h = width, max(1, src_h * width // src_w)
-    else:
-        new_w, new_h = max(1, src_w * height // src_h), height
-    scaled = _resize(array, new_w, new_h)
     if cover:
-        top, left = new_h // 2 - height // 2, new_w // 2 - width // 2
-        return scaled[top : top + height, left : left + width]
+        # Resample only the centre region that covers the box, straight to the box's size: scaling the whole
+        # source first would make a huge intermediate out of a thin image (64 x 262144 to cover 1024 x 1024).
+        scale = max(width / src_w, height / src_h)
+        crop_w, crop_h = width / scale, height / scale
+        left, top = (src_w - crop_w) / 2, (src_h - crop_h) / 2
+        return _resize(array, width, height, box=(left, top, left + crop_w, top + crop_h))
+    if box_ratio > src_ratio:  # height decides the scale
+        new_w, new_h = max(1, src_w * height // src_h), height
+    else:
+        new_w, new_h = width, max(1, src_h * width // src_w)
+    scaled = _resize(array, new_w, new_h)
     top, left = height // 2 - new_h // 2, width // 2 - new_w // 2
     pad = [(top, height - new_h - top), (left, width - new_w - left)]
     if is_mask:
@@ -181,11 +185,13 @@ def fit(array: np.ndarray, width: int, height: int, mode: ResizeMode) -> np.ndar
     return np.pad(scaled, [*pad, (0, 0)], mode="edge")
 
 
-def _resize(array: np.ndarray, width: int, height: int) -> np.ndarray:
-    if (array.shape[1], array.shape[0]) == (width, height):
+def _resize(
+    array: np.ndarray, width: int, height: int, box: tuple[float, float, float, float] | None = None
+) -> np.ndarray:
+    if box is None and (array.shape[1], array.shape[0]) == (width, height):
         return array
     # LANCZOS, as diffusers' VaeImageProcessor; a float mask resizes in mode "F" and is clipped after ringing.
-    resized = np.asarray(Image.fromarray(array).resize((width, height), Image.Resampling.LANCZOS))
+    resized = np.asarray(Image.fromarray(array).resize((width, height), Image.Resampling.LANCZOS, box=box))
     if array.ndim == 2:
         return np.clip(resized, 0.0, 1.0).astype(np.float32)
     return resized.copy()
