@@ -32,6 +32,7 @@ from models.images import decode_image, encode_image
 from models.schedulers import SCHEDULERS
 from serving import uploads
 from serving.errors import ApiError, content_policy_violation, invalid, validation_error
+from serving.plans import plan_generation
 from serving.resolver import GenerationRequest, InitImage
 from serving.schemas import ImageGenerationRequest, UpscaleRequest
 from serving.service import GenerationResult, GenerationService
@@ -464,14 +465,8 @@ class A1111Api:
         )
 
     async def _one(self, task: _Task, index: int, req: GenerationRequest) -> Any:
-        offset = last = 0
-
         async def progress(update: DenoiseProgress) -> None:
-            nonlocal offset, last
-            if req.hires is not None and offset == 0 and update.step <= last:
-                offset = last  # the hires pass started: its steps count on from the first pass's
-            last = update.step
-            task.step[index] = offset + update.step
+            task.step[index] = update.step  # counts on across the hires fix's passes
             if update.preview is not None and index == 0:
                 task.preview = update.preview
 
@@ -585,8 +580,7 @@ def _extras_info(result: GenerationResult) -> str:
 
 def _steps_per_image(req: GenerationRequest) -> int:
     """Denoising steps one image of ``req`` runs over all its passes, as /sdapi/v1/progress counts them."""
-    steps = int(req.steps * req.init.strength) if req.init else req.steps
-    return steps + (int(req.hires.steps * req.hires.strength) if req.hires else 0)
+    return plan_generation(req).total_steps
 
 
 def _info(

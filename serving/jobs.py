@@ -36,6 +36,7 @@ from models.contracts import DenoiseProgress
 from serving.config import JobsSpec
 from serving.errors import ApiError
 from serving.jobstore import JobError, JobRecord, JobResult, JobState, JobStore, JobStoreFull
+from serving.plans import plan_generation
 from serving.schemas import JobRequest
 from serving.service import GenerationRequest, GenerationResult, GenerationService, OnProgress
 
@@ -79,7 +80,7 @@ class JobManager:
             request_hash=request_hash(request),
             idempotency_key=idempotency_key,
             preview=body.preview,
-            total_steps=req.steps,
+            total_steps=plan_generation(req).total_steps,
         )
         if idempotency_key is not None:
             owner = await self.store.claim_key(idempotency_key, job)

@@ -48,6 +48,7 @@ class StageCall:
         output: set by the plan on its last encoding call.
         label: names the call's output for later ``Use(label)`` arguments.
         chained: the previous call's output comes first (False: only ``args``).
+        steps: the denoising steps a ``progress`` call runs (progress counts on across a plan's passes).
     """
 
     stage: str
@@ -58,6 +59,7 @@ class StageCall:
     output: DecodeParams | None = None
     label: str = ""
     chained: bool = True
+    steps: int = 0
 
     def arguments(self, previous: Any, outputs: dict[str, Any] | None = None) -> tuple[Any, ...]:
         head = () if previous is None or not self.chained else (previous,)
@@ -73,6 +75,11 @@ class Plan:
     @property
     def stages(self) -> tuple[str, ...]:
         return tuple(call.stage for call in self.calls)
+
+    @property
+    def total_steps(self) -> int:
+        """Denoising steps over every pass (the hires fix has two), as progress reports count them."""
+        return sum(call.steps for call in self.calls if call.progress)
 
 
 def _post_processing(req: GenerationRequest) -> list[StageCall]:
@@ -117,6 +124,11 @@ def _denoise(req: GenerationRequest, width: int, height: int, steps: int, streng
     )
 
 
+def _steps_run(params: DenoiseParams) -> int:
+    """Steps a denoise call from an init image runs: diffusers' int(steps * strength)."""
+    return min(int(params.steps * params.strength), params.steps)
+
+
 def plan_generation(req: GenerationRequest) -> Plan:
     """The plan ``req`` needs: text to image, image to image / inpainting (``req.init``), or the hires fix
     (``req.hires``), then whatever post-processing it asks for."""
@@ -125,7 +137,7 @@ def plan_generation(req: GenerationRequest) -> Plan:
     first = _denoise(req, req.width, req.height, req.steps)
     calls = [
         StageCall("text_encoder", "encode", (_encode(req),), label="prompt"),
-        StageCall("denoiser", "denoise", (first,), progress=True, label="latents"),
+        StageCall("denoiser", "denoise", (first,), progress=True, label="latents", steps=req.steps),
     ]
     if req.hires is not None:
         calls += _hires_pass(req)
@@ -141,7 +153,7 @@ def _image_to_image(req: GenerationRequest) -> Plan:
     calls = [
         StageCall("decoder", "encode_image", (encode_image,), label="image"),
         StageCall("text_encoder", "encode", (_encode(req),), chained=False),
-        StageCall("denoiser", "denoise", (params, Use("image")), progress=True),
+        StageCall("denoiser", "denoise", (params, Use("image")), progress=True, steps=_steps_run(params)),
         StageCall("decoder", "decode", encodes=True),
         *_post_processing(req),
     ]
@@ -170,7 +182,16 @@ def _hires_pass(req: GenerationRequest) -> list[StageCall]:
             ),
         ]
         start = Use("upscaled")
-    calls.append(StageCall("denoiser", "denoise", (Use("prompt"), second, start), progress=True, chained=False))
+    calls.append(
+        StageCall(
+            "denoiser",
+            "denoise",
+            (Use("prompt"), second, start),
+            progress=True,
+            chained=False,
+            steps=_steps_run(second),
+        )
+    )
     return calls
 
 

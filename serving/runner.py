@@ -21,6 +21,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Any, Protocol
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
@@ -165,12 +166,19 @@ class ChainRunner:
         pending: list[StageResponse | StageStream] = []
         previous: Any = plan.input
         outputs: dict[str, Any] = {}  # labelled outputs, for later calls' Use(label) arguments
+        done = 0  # steps of the plan's earlier passes: progress counts on across them
+
+        async def report(item: DenoiseProgress) -> None:
+            assert on_progress is not None
+            await on_progress(replace(item, step=done + item.step, total_steps=plan.total_steps or item.total_steps))
+
         try:
             for call in plan.calls:
                 args = call.arguments(previous, outputs)
                 client = self.clients[call.stage]
                 if call.progress and on_progress is not None:
-                    previous = await self._stream(client, call, args, on_progress, preview, pending)
+                    previous = await self._stream(client, call, args, report, preview, pending)
+                    done += call.steps
                 else:
                     previous = client.call(call.method, *args)
                     pending.append(previous)

@@ -326,5 +326,6 @@ def test_hires_fix_plan_refines_at_the_larger_size(stages: dict[str, Any], upsca
 
     result = asyncio.run(runner(stages).run(plan, on_progress))
     assert (result.width, result.height, len(result.images)) == (128, 128, 1)
-    assert seen == [(1, 3), (2, 3), (3, 3), (1, 2), (2, 2)]  # 3 steps, then int(4 * 0.5)
+    assert seen == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]  # 3 steps, then int(4 * 0.5), counted on
+    assert plan.total_steps == 5
     assert asyncio.run(runner(stages).run(plan)).images == result.images  # streamed or not, the same images
