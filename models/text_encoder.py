@@ -5,6 +5,11 @@ Prompts longer than CLIP's 77-token window are never silently truncated. Like AU
 and padded to 77, encoded on its own, and the hidden states are concatenated along the sequence axis. The
 negative prompt is padded with empty chunks to the same length. A prompt that fits one chunk is encoded
 exactly as diffusers' ``StableDiffusionPipeline.encode_prompt`` does.
+
+A1111's prompt weighting (``models/prompt_weights.py``: ``(word:1.3)``, ``(word)``, ``[word]``, ``BREAK``)
+applies on every API: each token's hidden state is multiplied by its weight and each chunk rescaled to its
+original mean; ``BREAK`` starts a new chunk. The embedding cache is keyed by the parsed prompt, so spellings
+that parse alike (``(cat)`` and ``(cat:1.1)``) share an entry.
 """
 
 from __future__ import annotations
@@ -17,7 +22,11 @@ import torch
 
 from models.contracts import EncodeRequest, PromptEmbeddings
 from models.errors import PromptTooLongError
+from models.prompt_weights import BREAK_WEIGHT, is_plain, parse_prompt
 from models.snapshot import ModelSnapshot
+
+# A prompt ready to encode: its chunks of 77 token ids, and each token's weight (None: all 1, unweighted).
+Tokens = tuple[list[list[int]], list[list[float]] | None]
 
 
 class TextEncoderStage:
@@ -69,44 +78,77 @@ class TextEncoderStage:
         """Token ids of ``text`` without start / end tokens and without truncation."""
         return list(self.tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
 
-    def _chunks(self, ids: list[int]) -> list[list[int]]:
+    def _chunks(self, ids: list[int], weights: list[float] | None = None) -> Tokens:
+        """Chunks of 75 tokens wrapped in start / end tokens and padded to 77 (a ``BREAK_WEIGHT`` entry in
+        ``weights`` ends a chunk early), with the weights laid out the same way (1 for the special tokens)."""
         bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
-        pieces = [ids[i : i + self.chunk_tokens] for i in range(0, len(ids), self.chunk_tokens)] or [[]]
-        return [[bos, *p, eos] + [pad] * (self.chunk_tokens - len(p)) for p in pieces]
+        marks = weights if weights is not None else [1.0] * len(ids)
+        pieces: list[tuple[list[int], list[float]]] = [([], [])]
+        for token, weight in zip(ids, marks, strict=True):
+            if weight == BREAK_WEIGHT:
+                pieces.append(([], []))
+                continue
+            if len(pieces[-1][0]) == self.chunk_tokens:
+                pieces.append(([], []))
+            pieces[-1][0].append(token)
+            pieces[-1][1].append(weight)
+        fill = [[pad] * (self.chunk_tokens - len(p)) for p, _ in pieces]
+        chunks = [[bos, *p, eos, *f] for (p, _), f in zip(pieces, fill, strict=True)]
+        if weights is None:
+            return chunks, None
+        return chunks, [[1.0, *w, 1.0] + [1.0] * len(f) for (_, w), f in zip(pieces, fill, strict=True)]
 
-    def check_prompt(self, text: str, param: str) -> list[int]:
-        ids = self.token_ids(text)
-        if len(ids) > self.max_prompt_tokens:
+    def tokens(self, text: str, param: str) -> tuple[str, Tokens]:
+        """(cache key, chunks) of a prompt, its weighting syntax parsed; refused when over the token limit."""
+        fragments = parse_prompt(text)
+        if is_plain(fragments):  # the text itself when it has no syntax (escapes and 1.0 weights removed)
+            key = "".join(fragment for fragment, _ in fragments)
+            ids, weights = self.token_ids(key), None
+        else:
+            ids, weights = [], []
+            for fragment, weight in fragments:
+                fragment_ids = [0] if weight == BREAK_WEIGHT else self.token_ids(fragment)
+                ids += fragment_ids
+                weights += [weight] * len(fragment_ids)
+            key = repr(fragments)
+        count = sum(1 for w in weights or [] if w == BREAK_WEIGHT)
+        if len(ids) - count > self.max_prompt_tokens:
             raise PromptTooLongError(
-                f"{param} has {len(ids)} tokens; this service accepts at most {self.max_prompt_tokens}",
+                f"{param} has {len(ids) - count} tokens; this service accepts at most {self.max_prompt_tokens}",
                 param=param,
             )
-        return ids
+        return key, self._chunks(ids, weights)
 
     @torch.inference_mode()
-    def _encode_texts(self, texts: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-        """Encode the texts not in the cache; return text -> hidden states (77 * chunks, dim)."""
+    def _encode_texts(self, texts: dict[str, Tokens]) -> dict[str, torch.Tensor]:
+        """Encode the prompts not in the cache; return key -> hidden states (77 * chunks, dim)."""
         out: dict[str, torch.Tensor] = {}
-        todo: list[tuple[str, list[list[int]]]] = []
+        todo: list[tuple[str, Tokens]] = []
         with self._lock:
-            for text, ids in texts.items():
-                cached = self._cache.get((self.version, text))
+            for key, tokens in texts.items():
+                cached = self._cache.get((self.version, key))
                 if cached is not None:
-                    self._cache.move_to_end((self.version, text))
-                    out[text] = cached
+                    self._cache.move_to_end((self.version, key))
+                    out[key] = cached
                     self.cache_hits += 1
                 else:
-                    todo.append((text, self._chunks(ids)))
+                    todo.append((key, tokens))
                     self.cache_misses += 1
-        for text, chunks in todo:
+        for key, (chunks, weights) in todo:
             # One forward per text: a text's embedding must not depend on what else shares the batch, or
             # a cache hit and a fresh encode of the same prompt would give different images.
             input_ids = torch.tensor(chunks, dtype=torch.long, device=self.device)
-            emb = self.text_encoder(input_ids)[0].to("cpu").reshape(-1, self.hidden_size)
-            out[text] = emb
+            z = self.text_encoder(input_ids)[0]
+            if weights is not None:  # A1111: weight each token, then give each chunk back its mean
+                multipliers = torch.tensor(weights, dtype=z.dtype, device=z.device).unsqueeze(-1)
+                before = z.mean(dim=(1, 2), keepdim=True)
+                z = z * multipliers
+                z = z * (before / z.mean(dim=(1, 2), keepdim=True))
+            emb = z.to("cpu").reshape(-1, self.hidden_size)
+            out[key] = emb
             with self._lock:
-                self._cache[(self.version, text)] = emb
+                self._cache[(self.version, key)] = emb
                 if len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
         return out
@@ -116,19 +158,24 @@ class TextEncoderStage:
         return torch.cat([emb] + [empty] * missing) if missing else emb
 
     def encode(self, requests: list[EncodeRequest]) -> list[PromptEmbeddings]:
-        """Encode a batch of requests; texts shared by several requests are encoded once."""
-        texts: dict[str, list[int]] = {"": []}
+        """Encode a batch of requests; prompts shared by several requests are encoded once."""
+        empty_key, empty_tokens = self.tokens("", "prompt")
+        texts: dict[str, Tokens] = {empty_key: empty_tokens}
+        keys: list[tuple[str, str | None]] = []
         for req in requests:
-            texts[req.prompt] = self.check_prompt(req.prompt, "prompt")
+            positive_key, tokens = self.tokens(req.prompt, "prompt")
+            texts[positive_key] = tokens
+            negative_key = None
             if req.with_negative:
-                negative_text = req.negative_prompt or ""
-                texts[negative_text] = self.check_prompt(negative_text, "negative_prompt")
+                negative_key, tokens = self.tokens(req.negative_prompt or "", "negative_prompt")
+                texts[negative_key] = tokens
+            keys.append((positive_key, negative_key))
         embedded = self._encode_texts(texts)
-        empty = embedded[""]
+        empty = embedded[empty_key]
         results = []
-        for req in requests:
-            positive = embedded[req.prompt]
-            negative = embedded[req.negative_prompt or ""] if req.with_negative else None
+        for positive_key, negative_key in keys:
+            positive = embedded[positive_key]
+            negative = embedded[negative_key] if negative_key is not None else None
             length = max(positive.shape[0], negative.shape[0] if negative is not None else 0)
             positive = self._pad_to(positive, length, empty)
             if negative is not None:
