@@ -77,6 +77,9 @@ class GenerationFields(BaseModel):
     override_settings: dict[str, Any] = Field(
         default_factory=dict, description="Only sd_model_checkpoint is honoured (a model from sd-models)."
     )
+    styles: list[str] = Field(
+        default_factory=list, description="Style presets applied in order (GET /sdapi/v1/prompt-styles)."
+    )
 
 
 class Txt2ImgRequest(GenerationFields):
@@ -275,7 +278,7 @@ class A1111Api:
                 scheduler=resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler),
                 output_format="png",
             )
-            return self.service.prepare(native)
+            return self.service.prepare(native, styles=tuple(body.styles))
         except ValidationError as exc:
             raise _a1111_names(validation_error(exc.errors())) from exc
         except ApiError as err:
@@ -629,7 +632,7 @@ def _info(
         "extra_generation_params": infotext,
         "index_of_first_image": 0,
         "infotexts": infotexts,
-        "styles": [],
+        "styles": list(req.styles),
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(task.started)),
         "clip_skip": 1,
         "interrupted": task.interrupted,
@@ -703,6 +706,12 @@ def create_router(api: A1111Api) -> APIRouter:
     @router.get("/upscalers")
     async def upscalers() -> list[dict[str, Any]]:
         return api.upscalers()
+
+    @router.get("/prompt-styles")
+    async def prompt_styles() -> list[dict[str, Any]]:
+        """The style presets, as A1111 lists its styles (`{prompt}` marks where the prompt goes)."""
+        presets = api.service.resolver.presets.all().values()
+        return [{"name": p.name, "prompt": p.prompt, "negative_prompt": p.negative_prompt or ""} for p in presets]
 
     @router.get("/latent-upscale-modes")
     async def latent_upscale_modes() -> list[dict[str, Any]]:

@@ -326,6 +326,16 @@ def create_api(
             "data": [{"id": u.name, "description": u.description, "ref": u.source} for u in upscalers.values()],
         }
 
+    @app.get("/v1/styles")
+    async def list_styles() -> dict[str, Any]:
+        """Style presets requests may name in `style`: built-in, configured, and the preset folder's files."""
+        presets = service.resolver.presets
+        return {
+            "object": "list",
+            "data": [p.model_dump(exclude_none=True) for p in presets.all().values()],
+            "errors": presets.errors,
+        }
+
     @app.get("/v1/schedulers")
     async def list_schedulers() -> dict[str, Any]:
         return {

@@ -390,6 +390,53 @@ class HttpSpec(_Strict):
     port: int = Field(default=8000, ge=1, le=65535, description="Listen port of the HTTP proxy.")
 
 
+class PresetUpscale(_Strict):
+    model: str | None = Field(default=None, description="Upscaler name; the first if unset.")
+    factor: float = Field(default=2.0, description="Upscale factor.")
+
+
+class PresetSpec(_Strict):
+    """A style preset: what a request naming it (`style`) gets unless it says otherwise. Every field but `name`
+    is optional; request fields override preset fields."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_. -]{0,63}$", description="What requests name in `style`.")
+    description: str = Field(default="", description="Shown by GET /v1/styles.")
+    prompt: str = Field(
+        default="{prompt}", description="Prompt template; `{prompt}` is the request's prompt (appended if absent)."
+    )
+    negative_prompt: str | None = Field(
+        default=None,
+        description="Negative prompt; `{prompt}` in it is the request's negative prompt, else the two are joined.",
+    )
+    model: str | None = Field(default=None, description="Model to use.")
+    size: str | None = Field(default=None, pattern=r"^\d+x\d+$", description="Default size (WIDTHxHEIGHT).")
+    steps: int | None = Field(default=None, ge=1, description="Default denoising steps.")
+    guidance_scale: float | None = Field(default=None, ge=0, description="Default guidance scale.")
+    scheduler: str | None = Field(default=None, description="Default scheduler.")
+    upscale: PresetUpscale | None = Field(default=None, description="Upscale the images.")
+
+    @model_validator(mode="after")
+    def _known_scheduler(self) -> PresetSpec:
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}")
+        return self
+
+
+class StylesSpec(_Strict):
+    """Style presets: the built-in ones, the ones listed here, and one YAML file each in `directory`."""
+
+    presets: list[PresetSpec] = Field(default_factory=list, description="Presets defined inline.")
+    directory: str | None = Field(
+        default=None,
+        description="Folder of preset files (`<name>.yaml`, one PresetSpec each; a ConfigMap in the chart). "
+        "Changes are picked up without a restart.",
+    )
+    reload_interval_s: float = Field(
+        default=2.0, gt=0, description="How often the preset folder is checked for changes."
+    )
+    builtin: bool = Field(default=True, description="Serve the built-in presets (vivid, natural, ...).")
+
+
 class AppConfig(_Strict):
     """Everything that describes one sdserve application."""
 
@@ -425,6 +472,7 @@ class AppConfig(_Strict):
     outputs: OutputSpec = Field(default_factory=OutputSpec, description="Storage for url responses.")
     registry: RegistrySpec = Field(default_factory=RegistrySpec, description="Model snapshot cache and rollout.")
     jobs: JobsSpec = Field(default_factory=JobsSpec, description="Asynchronous jobs.")
+    styles: StylesSpec = Field(default_factory=StylesSpec, description="Style presets.")
 
     @model_validator(mode="after")
     def _consistent(self) -> AppConfig:

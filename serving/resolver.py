@@ -83,6 +83,7 @@ class GenerationRequest:
     safety: SafetyParams | None = None  # None: no safety check
     init: InitImage | None = None  # image to image / inpainting
     hires: HiresFix | None = None
+    styles: tuple[str, ...] = ()  # the style presets applied (already folded into the fields above)
 
 
 class RequestResolver:
@@ -93,9 +94,12 @@ class RequestResolver:
     """
 
     def __init__(self, config: AppConfig, models: ModelCatalogState) -> None:
+        from serving.presets import PresetLibrary
+
         self.config = config
         self.models = models
         self.lookup_image: Callable[[str], bytes | None] | None = None
+        self.presets = PresetLibrary(config.styles)
 
     def resolve(
         self,
@@ -103,10 +107,14 @@ class RequestResolver:
         image: bytes | None = None,
         mask: bytes | None = None,
         mask_source: MaskSource = "luminance",
+        styles: tuple[str, ...] = (),
     ) -> GenerationRequest:
         """Check ``req`` and fill its defaults. ``image`` / ``mask``: uploaded files that take the place of
         ``req.init_image`` / ``req.mask`` (multipart and gRPC carry bytes); ``mask_source`` says how a mask marks
-        the region to repaint (white pixels, or OpenAI's transparent ones)."""
+        the region to repaint (white pixels, or OpenAI's transparent ones); ``styles``: presets applied after
+        ``req.style`` (A1111's ``styles`` list)."""
+        names = (*((req.style,) if req.style else ()), *styles)
+        req = self.apply_styles(req, names, "style" if req.style else "styles")
         limits, defaults = self.config.limits, self.config.defaults
         model = req.model or self.models.default
         if model is None or model not in self.models.specs:
@@ -171,7 +179,33 @@ class RequestResolver:
             user=req.user,
             ref=ref,
             init=init,
+            styles=names,
         )
+
+    def apply_styles(self, req: ImageGenerationRequest, names: tuple[str, ...], param: str) -> ImageGenerationRequest:
+        """``req`` with the presets ``names`` applied in order: each wraps the prompt in its template and fills
+        the fields the request (and earlier presets) left unset. 404 ``style_not_found`` for an unknown name."""
+        for name in names:
+            spec = self.presets.get(name)
+            if spec is None:
+                raise ApiError(
+                    404, "style_not_found", f"style {name!r} is not a preset of this service; see GET /v1/styles", param
+                )
+            template = spec.prompt if "{prompt}" in spec.prompt else f"{{prompt}}, {spec.prompt}"
+            update: dict[str, object] = {"prompt": template.replace("{prompt}", req.prompt)}
+            if spec.negative_prompt:
+                asked = req.negative_prompt or ""
+                if "{prompt}" in spec.negative_prompt:
+                    update["negative_prompt"] = spec.negative_prompt.replace("{prompt}", asked)
+                else:
+                    update["negative_prompt"] = ", ".join(p for p in (asked, spec.negative_prompt) if p)
+            for field in ("model", "size", "steps", "guidance_scale", "scheduler"):
+                if getattr(req, field) is None and getattr(spec, field) is not None:
+                    update[field] = getattr(spec, field)
+            if req.upscale is None and spec.upscale is not None:
+                update["upscale"] = UpscaleRequest(model=spec.upscale.model, factor=spec.upscale.factor)
+            req = req.model_copy(update=update)
+        return req
 
     def check_size(self, width: int, height: int, param: str = "size") -> None:
         limits = self.config.limits

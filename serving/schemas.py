@@ -45,7 +45,11 @@ class ImageGenerationRequest(BaseModel):
     user: str | None = Field(default=None, max_length=256, description="End-user id, logged for abuse tracing.")
     # OpenAI fields accepted for compatibility; they do not change the result.
     quality: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
-    style: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
+    style: str | None = Field(
+        default=None,
+        description="Style preset (GET /v1/styles): a prompt template, negative prompt and defaults; request "
+        "fields override it. OpenAI's `vivid` and `natural` are built in.",
+    )
     # Stable Diffusion extensions.
     negative_prompt: str | None = Field(default=None, description="What to steer away from.")
     steps: int | None = Field(default=None, ge=1, description="Denoising steps (at most limits.max_steps).")
@@ -153,6 +157,7 @@ class GenerationSettings(BaseModel):
     strength: float | None = Field(default=None, description="With an init image: the strength it ran with.")
     inpainting: bool | None = Field(default=None, description="With an init image: whether a mask was applied.")
     hires: HiresSettings | None = None
+    styles: list[str] | None = Field(default=None, description="The style presets applied, in order.")
 
 
 class ImageGenerationResponse(GenerationSettings):

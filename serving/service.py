@@ -67,6 +67,7 @@ class GenerationResult:
             "output_format": req.output_format,
             "timings_ms": self.timings_ms,
             "upscale": {"model": up.upscaler, "factor": up.factor} if up else None,
+            "styles": list(req.styles) or None,
             "strength": req.init.strength if req.init else None,
             "inpainting": req.init.mask is not None if req.init else None,
             "hires": (
@@ -116,9 +117,11 @@ class GenerationService:
         image: bytes | None = None,
         mask: bytes | None = None,
         mask_source: MaskSource = "luminance",
+        styles: tuple[str, ...] = (),
     ) -> GenerationRequest:
-        """Fill defaults, check the configured limits and decode uploaded images (see ``RequestResolver``)."""
-        return self.resolver.resolve(req, image, mask, mask_source)
+        """Apply style presets, fill defaults, check the configured limits and decode uploaded images (see
+        ``RequestResolver``)."""
+        return self.resolver.resolve(req, image, mask, mask_source, styles)
 
     async def generate(
         self, req: GenerationRequest, on_progress: OnProgress | None = None, preview: bool = False

@@ -174,6 +174,9 @@ def deployed_config(values_files: list[Path]) -> AppConfig:
     for stage in deployed_stages(AppConfig.model_validate(values["config"])):
         if group_enabled(values, stage):
             pins[stage.name] = {"resources": {"resources": {f"sdserve_{stage.worker_group}": 1}}}
+    styles = values["stylePresets"]
+    if styles["presets"] or styles["existingConfigMap"]:  # the preset ConfigMap, mounted in every pod
+        pins["styles"] = {"directory": "/etc/sdserve/styles"}
     return AppConfig.model_validate(merged(values["config"], pins))
 
 
@@ -403,3 +406,26 @@ def test_additional_worker_groups() -> None:
     jsonschema.validate(service, crd_schema("RayService"))
     bad = helm("template", "x", str(CHART), "--set", "additionalWorkerGroups.bad_name.gpus=0", check=False)
     assert bad.returncode != 0
+
+
+def test_style_presets_are_files_of_a_mounted_configmap() -> None:
+    """Each preset of `stylePresets.presets` is one `<name>.yaml` of the ConfigMap, a valid PresetSpec; every
+    Ray pod mounts it where the config's `styles.directory` points."""
+    from serving.config import PresetSpec
+
+    docs = render(VALUES_SETS["full-values"])
+    values = chart_values(VALUES_SETS["full-values"])
+    (configmap,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-styles")]
+    assert set(configmap["data"]) == {f"{name}.yaml" for name in values["stylePresets"]["presets"]}
+    for name, text in configmap["data"].items():
+        assert PresetSpec.model_validate(yaml.safe_load(text)).name == name.removesuffix(".yaml")
+    assert deployed_config(VALUES_SETS["full-values"]).styles.directory == "/etc/sdserve/styles"
+    pods = [pod for doc in docs for pod in pod_templates(doc)]
+    assert pods
+    for pod in pods:
+        (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == "styles"]
+        assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+        mounts = [m for c in pod["spec"]["containers"] for m in c.get("volumeMounts", []) if m["name"] == "styles"]
+        assert mounts and all(m["mountPath"] == "/etc/sdserve/styles" and m["readOnly"] for m in mounts)
+    minimal = render(VALUES_SETS["minimal-values"])
+    assert not [d for d in minimal if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-styles")]

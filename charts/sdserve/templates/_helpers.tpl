@@ -145,6 +145,9 @@ The sdserve AppConfig the chart deploys: the user's `config`, plus each stage pi
 {{- $_ := set $pins .name (dict "resources" (dict "resources" (dict $resource 1))) }}
 {{- end }}
 {{- end }}
+{{- if include "sdserve.stylesConfigMap" . }}
+{{- $_ := set $pins "styles" (dict "directory" "/etc/sdserve/styles") }}
+{{- end }}
 {{- $config := mustMergeOverwrite (deepCopy .Values.config) $pins }}
 {{- toYaml $config }}
 {{- end }}
@@ -231,7 +234,17 @@ is stale), so every setting the user leaves out appears with the application's d
 {{- end }}
 {{- end }}
 
-{{/* Writable volumes of a read-only root filesystem: /tmp (Ray's /tmp/ray), /dev/shm, the model cache. */}}
+{{/* The ConfigMap of style preset files, or "" when there is none. */}}
+{{- define "sdserve.stylesConfigMap" -}}
+{{- if .Values.stylePresets.existingConfigMap -}}
+{{ .Values.stylePresets.existingConfigMap }}
+{{- else if .Values.stylePresets.presets -}}
+{{ include "sdserve.fullname" . }}-styles
+{{- end -}}
+{{- end }}
+
+{{/* Writable volumes of a read-only root filesystem: /tmp (Ray's /tmp/ray), /dev/shm, the model cache; and the
+style presets' ConfigMap, read-only. */}}
 {{- define "sdserve.volumes" -}}
 - name: tmp
   emptyDir: {}
@@ -247,6 +260,11 @@ is stale), so every setting the user leaves out appears with the application's d
   emptyDir:
     sizeLimit: {{ .Values.modelCache.size }}
 {{- end }}
+{{- with include "sdserve.stylesConfigMap" . }}
+- name: styles
+  configMap:
+    name: {{ . }}
+{{- end }}
 {{- end }}
 
 {{- define "sdserve.volumeMounts" -}}
@@ -256,6 +274,11 @@ is stale), so every setting the user leaves out appears with the application's d
   mountPath: /dev/shm
 - name: model-cache
   mountPath: {{ .Values.modelCache.mountPath }}
+{{- if include "sdserve.stylesConfigMap" . }}
+- name: styles
+  mountPath: /etc/sdserve/styles
+  readOnly: true
+{{- end }}
 {{- end }}
 
 {{/*
