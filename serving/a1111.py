@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from models.contracts import DenoiseProgress, Pixels
 from models.images import decode_image, encode_image
 from models.schedulers import SCHEDULERS
-from serving import uploads
+from serving import auth, uploads
 from serving.errors import ApiError, content_policy_violation, invalid, validation_error
 from serving.plans import plan_generation
 from serving.resolver import GenerationRequest, InitImage
@@ -198,6 +198,7 @@ class _Task:
     preview: bytes | None = None
     interrupted: bool = False
     running: set[asyncio.Task[Any]] = field(default_factory=set)
+    tenant: str = ""  # progress and interrupt are the caller's tenant's only
 
     @property
     def sampling_step(self) -> int:
@@ -420,7 +421,7 @@ class A1111Api:
             info: further ``info`` entries.
             finish: applied to each returned image file (img2img's overlay), in a thread.
         """
-        task = _Task(job_count=body.n_iter, steps=_steps_per_image(req))
+        task = _Task(job_count=body.n_iter, steps=_steps_per_image(req), tenant=auth.current().tenant)
         self.tasks.append(task)
         images: list[bytes] = []
         flags: list[bool | None] = []
@@ -507,8 +508,14 @@ class A1111Api:
             for u in self.service.models.artifacts.get("upscalers", {}).values()
         ]
 
+    def _mine(self) -> list[_Task]:
+        """The running calls of the caller's tenant: another tenant's progress and calls are not its to see."""
+        tenant = auth.current().tenant
+        return [task for task in self.tasks if task.tenant == tenant]
+
     def progress(self, skip_current_image: bool) -> dict[str, Any]:
-        task = self.tasks[0] if self.tasks else None
+        mine = self._mine()
+        task = mine[0] if mine else None
         state: dict[str, Any] = {
             "skipped": False,
             "interrupted": bool(task and task.interrupted),
@@ -535,12 +542,13 @@ class A1111Api:
         }
 
     def interrupt(self) -> int:
-        """Stop the running txt2img / img2img calls at their next denoising step; return how many were running."""
-        for task in self.tasks:
+        """Stop the caller's running txt2img / img2img calls at their next denoising step; return how many."""
+        mine = self._mine()
+        for task in mine:
             task.interrupted = True
             for run in task.running:
                 run.cancel()
-        return len(self.tasks)
+        return len(mine)
 
     def sd_models(self) -> list[dict[str, Any]]:
         return [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -17,6 +18,7 @@ from starlette.exceptions import HTTPException
 
 from models.schedulers import SCHEDULERS
 from serving.a1111 import A1111Api, create_router
+from serving.auth import act_as, presented_key, reset_principal
 from serving.errors import ApiError, BodySizeLimit, install_error_handlers, invalid, validation_error
 from serving.jobs import JobManager, image_path
 from serving.jobstore import JobRecord
@@ -38,6 +40,12 @@ from serving.schemas import (
     ModelList,
 )
 from serving.service import GenerationService
+
+logger = logging.getLogger(__name__)
+
+# Routes that answer without a key: liveness / readiness probes and the API's own documentation.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+UNAUTHORIZED = "a valid API key is required: `Authorization: Bearer <key>` (HTTP Basic with the key as password)"
 
 # The multipart body of POST /v1/images/edits, for the OpenAPI document.
 _EDIT_FORM: dict[str, Any] = {
@@ -176,6 +184,31 @@ def create_api(
     install_error_handlers(app, on_error=metrics.observe_error if metrics else None)
     config = service.config
     app.add_middleware(BodySizeLimit, max_bytes=config.limits.max_body_bytes)
+
+    keys = service.keys
+    if keys is None:
+        logger.warning("API keys are off: anyone who reaches this port can generate images (auth.enabled)")
+    else:
+
+        @app.middleware("http")
+        async def authenticate(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+            """Every route but health and the API docs needs a key; the principal scopes jobs, images and
+            A1111 progress to its tenant."""
+            path = request.url.path.removeprefix(request.scope.get("root_path", "")) or "/"
+            if path in OPEN_PATHS:
+                return await call_next(request)
+            principal = keys.verify(presented_key(request.headers.get("authorization")))
+            if principal is None:
+                challenge = 'Basic realm="sdserve"' if path.startswith("/sdapi/") else 'Bearer realm="sdserve"'
+                body = {"error": {"code": "unauthorized", "message": UNAUTHORIZED, "param": None}}
+                if metrics is not None:
+                    metrics.observe_error("unauthorized")
+                return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": challenge})
+            token = act_as(principal)
+            try:
+                return await call_next(request)
+            finally:
+                reset_principal(token)
 
     if metrics is not None:
 
@@ -351,6 +384,7 @@ def create_api(
             "application": config.app_name,
             "replicas": await service.replica_counts(),
             "job_store": jobs.store.description,
+            "auth": "api_keys" if service.keys is not None else "off (open to anyone who reaches the port)",
         }
 
     @app.get("/healthz")

@@ -148,6 +148,20 @@ def cmd_render_stages(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    """A new key on stdout's first line; the entry to append to the key file after it (only the hash)."""
+    import secrets as random
+
+    from serving.auth import hash_key, new_key
+
+    key = new_key()
+    key_id = args.id or f"{args.tenant}-{random.token_hex(3)}"
+    print(key)
+    entry = {"id": key_id, "tenant": args.tenant, "sha256": hash_key(key)}
+    print(yaml.safe_dump({"keys": [entry]}, sort_keys=False).strip())
+    return 0
+
+
 def cmd_config_defaults(args: argparse.Namespace) -> int:
     sys.stdout.write(yaml.safe_dump(AppConfig().to_args(), sort_keys=False))
     return 0
@@ -274,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub.add_parser("reference", help="print the settings table (Markdown)").set_defaults(
         func=cmd_config_reference
     )
+
+    keys = sub.add_parser("keys", help="API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create_key = keys_sub.add_parser("create", help="print a new API key and its line for the key file")
+    create_key.add_argument("--tenant", required=True, help="the tenant the key acts for")
+    create_key.add_argument("--id", help="the key's name in logs (default: <tenant>-<random>)")
+    create_key.set_defaults(func=cmd_keys_create)
 
     models = sub.add_parser("models", help="model utilities")
     models_sub = models.add_subparsers(dest="models_command", required=True)

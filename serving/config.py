@@ -321,6 +321,24 @@ class OutputSpec(_Strict):
         return value
 
 
+class AuthSpec(_Strict):
+    """API keys (see serving/auth.py): off, the service is open to whoever reaches it (and says so)."""
+
+    enabled: bool = Field(default=False, description="Require an API key on every data-plane route and RPC.")
+    keys_file: str | None = Field(
+        default=None,
+        description="YAML key file (`keys: [{id, tenant, sha256}]`; a mounted Secret in the chart), re-read when "
+        "it changes.",
+    )
+    reload_interval_s: float = Field(default=5.0, gt=0, description="How often the key file is checked for changes.")
+
+    @model_validator(mode="after")
+    def _needs_keys(self) -> AuthSpec:
+        if self.enabled and not self.keys_file:
+            raise ValueError("auth.enabled needs auth.keys_file")
+        return self
+
+
 class JobsSpec(_Strict):
     """Asynchronous jobs (POST /v1/jobs, gRPC GenerateStream): where they are kept and for how long."""
 
@@ -473,6 +491,7 @@ class AppConfig(_Strict):
     registry: RegistrySpec = Field(default_factory=RegistrySpec, description="Model snapshot cache and rollout.")
     jobs: JobsSpec = Field(default_factory=JobsSpec, description="Asynchronous jobs.")
     styles: StylesSpec = Field(default_factory=StylesSpec, description="Style presets.")
+    auth: AuthSpec = Field(default_factory=AuthSpec, description="API keys and tenants.")
 
     @model_validator(mode="after")
     def _consistent(self) -> AppConfig:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
 from pydantic import ValidationError
 
+from serving.auth import OPEN, KeyRing, Principal, presented_key
 from serving.errors import ApiError, invalid, validation_error
 from serving.generated.sdserve.v1 import sdserve_pb2 as pb
 from serving.jobs import JobManager
@@ -49,6 +50,7 @@ STATUS_BY_CODE: dict[str, grpc.StatusCode] = {
 }
 STATUS_BY_HTTP: dict[int, grpc.StatusCode] = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
     409: grpc.StatusCode.FAILED_PRECONDITION,
     422: grpc.StatusCode.INVALID_ARGUMENT,
@@ -236,3 +238,15 @@ def _progress(event: dict[str, Any]) -> pb.Progress:
         progress.preview = base64.b64decode(event["preview"])
         progress.preview_media_type = event["preview_media_type"]
     return progress
+
+
+def authenticate(keys: KeyRing | None, metadata: Sequence[tuple[str, Any]]) -> Principal:
+    """The caller of an RPC from its ``authorization`` metadata (``Bearer <key>``); ``OPEN`` when keys are off.
+    A missing, unknown or revoked key is a 401 (``UNAUTHENTICATED``)."""
+    if keys is None:
+        return OPEN
+    presented = next((str(value) for name, value in metadata if name.lower() == "authorization"), None)
+    principal = keys.verify(presented_key(presented))
+    if principal is None:
+        raise ApiError(401, "unauthorized", "a valid API key is required in the `authorization` metadata (Bearer)")
+    return principal

@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 from models.contracts import DenoiseProgress
+from serving import auth
 from serving.config import JobsSpec
 from serving.errors import ApiError
 from serving.jobstore import JobError, JobRecord, JobResult, JobState, JobStore, JobStoreFull
@@ -72,8 +73,12 @@ class JobManager:
         req = await asyncio.to_thread(self.service.prepare, body)
         request = body.model_dump(mode="json", exclude_unset=True)
         now = time.time()
+        tenant = auth.current().tenant
+        if idempotency_key is not None and tenant:  # one tenant's key never names another's job
+            idempotency_key = f"{tenant}/{idempotency_key}"
         job = JobRecord(
             id=f"job_{secrets.token_hex(12)}",
+            tenant=tenant,
             created_at=now,
             updated_at=now,
             request=request,
@@ -253,7 +258,7 @@ class JobManager:
 
     async def get(self, job_id: str) -> JobRecord:
         job = await self.store.get(job_id)
-        if job is None:
+        if job is None or job.tenant != auth.current().tenant:  # another tenant's job is not found, not refused
             raise ApiError(404, "job_not_found", f"no job {job_id!r}, or it expired", "job_id")
         return await self._checked(job)
 

@@ -87,6 +87,7 @@ class JobRecord(BaseModel):
     """One job as stored."""
 
     id: str
+    tenant: str = Field(default="", description="The tenant whose key submitted it; only it can see the job.")
     state: JobState = JobState.QUEUED
     created_at: float
     updated_at: float

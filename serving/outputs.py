@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import re
 import secrets
@@ -17,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+from serving import auth
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 MEDIA_TYPES = {ext: media for media, ext in EXTENSIONS.items()}
@@ -26,8 +29,19 @@ _ID = re.compile(f"^{IMAGE_ID_PATTERN}$")
 logger = logging.getLogger(__name__)
 
 
-def new_image_id(media_type: str) -> str:
-    return f"{secrets.token_hex(16)}.{EXTENSIONS[media_type]}"
+def new_image_id(media_type: str, tenant: str = "") -> str:
+    """80 random bits and a 48-bit tag of (tenant, those bits): unguessable, and only its tenant's id."""
+    nonce = secrets.token_hex(10)
+    return f"{nonce}{_tenant_tag(nonce, tenant)}.{EXTENSIONS[media_type]}"
+
+
+def _tenant_tag(nonce: str, tenant: str) -> str:
+    return hashlib.sha256(f"{tenant}\x00{nonce}".encode()).hexdigest()[:12]
+
+
+def owned(image_id: str, tenant: str) -> bool:
+    """Whether ``image_id`` was made for ``tenant`` (another tenant's id is simply not found)."""
+    return _ID.match(image_id) is not None and _tenant_tag(image_id[:20], tenant) == image_id[20:32]
 
 
 class OutputStore:
@@ -39,7 +53,7 @@ class OutputStore:
 
     def put(self, data: bytes, media_type: str) -> str:
         self.directory.mkdir(parents=True, exist_ok=True)
-        image_id = new_image_id(media_type)
+        image_id = new_image_id(media_type, auth.current().tenant)
         tmp = self.directory / f".{image_id}.tmp"
         tmp.write_bytes(data)
         tmp.rename(self.directory / image_id)  # atomic: a reader never sees a partial file
@@ -50,8 +64,8 @@ class OutputStore:
         return f"{base_url.rstrip('/')}/v1/images/{image_id}"
 
     def get(self, image_id: str) -> tuple[bytes, str] | None:
-        """Return (bytes, media type), or None when unknown, malformed or expired."""
-        if not _ID.match(image_id):
+        """Return (bytes, media type), or None when unknown, malformed, expired or another tenant's."""
+        if not owned(image_id, auth.current().tenant):
             return None
         path = self.directory / image_id
         try:
@@ -103,7 +117,7 @@ class S3OutputStore(OutputStore):
         return f"{self.prefix}/{image_id}" if self.prefix else image_id
 
     def put(self, data: bytes, media_type: str) -> str:
-        image_id = new_image_id(media_type)
+        image_id = new_image_id(media_type, auth.current().tenant)
         self.client.put_object(Bucket=self.bucket, Key=self._key(image_id), Body=data, ContentType=media_type)
         return image_id
 
@@ -114,7 +128,7 @@ class S3OutputStore(OutputStore):
         return url
 
     def get(self, image_id: str) -> tuple[bytes, str] | None:
-        if not _ID.match(image_id):
+        if not owned(image_id, auth.current().tenant):
             return None
         try:
             obj = self.client.get_object(Bucket=self.bucket, Key=self._key(image_id))

@@ -20,6 +20,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from models.contracts import EncodedImages, Pixels
 from models.errors import StageInputError, UnknownModelError
 from models.registry.errors import RegistryError
+from serving.auth import KeyRing
 from serving.config import AppConfig
 from serving.env import SDSERVE_HOME
 from serving.errors import ApiError, content_policy_violation, invalid
@@ -103,6 +104,8 @@ class GenerationService:
         pipeline = {s.name: self.clients[s.name] for s in pipeline_stages() if s.name in self.clients}
         self.rollout = ModelRollout(self.models, config.snapshot_cache(SDSERVE_HOME), pipeline)
         self.runner = ChainRunner(self.clients, config.limits, self._map_error)
+        auth = config.auth
+        self.keys = KeyRing(auth.keys_file, auth.reload_interval_s) if auth.enabled and auth.keys_file else None
 
     @classmethod
     def over_handles(cls, config: AppConfig, handles: Mapping[str, Any]) -> GenerationService:

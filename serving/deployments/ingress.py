@@ -7,7 +7,7 @@ Serve's HTTP proxy hands HTTP requests to the FastAPI app; its gRPC proxy calls 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import FastAPI
@@ -18,9 +18,10 @@ from ray.serve.handle import DeploymentHandle
 
 from serving.a1111 import A1111Api
 from serving.api import create_api
+from serving.auth import act_as, reset_principal
 from serving.config import AppConfig
 from serving.generated.sdserve.v1 import sdserve_pb2 as pb
-from serving.grpc_api import GrpcApi, set_status
+from serving.grpc_api import GrpcApi, authenticate, set_status
 from serving.jobs import JobManager
 from serving.jobstore import open_job_store
 from serving.outputs import OutputSweeper, open_output_store
@@ -67,12 +68,13 @@ class IngressDeployment:
     # -- gRPC (sdserve.v1.ImageGeneration) ---------------------------------------------------------------------
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
-        return await _unary(self.grpc.generate(request), grpc_context)
+        return await self._unary(self.grpc.generate, request, grpc_context)
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[pb.GenerateEvent]:
         try:
+            act_as(authenticate(self.service.keys, grpc_context.invocation_metadata()))
             async for event in self.grpc.generate_stream(request):
                 yield event
         except BaseException as exc:
@@ -80,13 +82,30 @@ class IngressDeployment:
             raise
 
     async def GetJob(self, request: pb.GetJobRequest, grpc_context: RayServegRPCContext) -> pb.Job:
-        return await _unary(self.grpc.get_job(request), grpc_context)
+        return await self._unary(self.grpc.get_job, request, grpc_context)
 
     async def CancelJob(self, request: pb.CancelJobRequest, grpc_context: RayServegRPCContext) -> pb.Job:
-        return await _unary(self.grpc.cancel_job(request), grpc_context)
+        return await self._unary(self.grpc.cancel_job, request, grpc_context)
 
-    async def ListModels(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
-        return self.grpc.list_models()
+    async def ListModels(
+        self, request: pb.ListModelsRequest, grpc_context: RayServegRPCContext
+    ) -> pb.ListModelsResponse:
+        async def models(_: pb.ListModelsRequest) -> pb.ListModelsResponse:
+            return self.grpc.list_models()
+
+        return await self._unary(models, request, grpc_context)
+
+    async def _unary(self, method: Callable[[Any], Awaitable[T]], request: Any, grpc_context: RayServegRPCContext) -> T:
+        """A data-plane RPC: the caller's key checked (its tenant scopes jobs), errors as gRPC statuses."""
+        try:
+            token = act_as(authenticate(self.service.keys, grpc_context.invocation_metadata()))
+        except BaseException as exc:
+            set_status(grpc_context, exc)
+            raise
+        try:
+            return await _unary(method(request), grpc_context)
+        finally:
+            reset_principal(token)
 
     # -- gRPC (grpc.health.v1.Health) --------------------------------------------------------------------------
 
