@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 
 from serving.config import AppConfig, ArtifactSpec, ModelSpec
@@ -24,10 +26,28 @@ LOCAL_RAY_ENV = {
 }
 
 
-def local_ray_env() -> None:
-    """Put ``LOCAL_RAY_ENV`` into this process's environment (settings already there win); call before
-    ``ray.init``."""
-    for name, value in LOCAL_RAY_ENV.items():
+# Ray's switch for a Ray reachable from this machine only (its default on macOS and Windows). At 0 a Ray started
+# here takes 127.0.0.1 as its node address (ray/_private/services.py:815), and with a loopback node address every
+# Ray process binds to loopback: GCS, raylet (node and object manager), each worker's gRPC server, the dashboard
+# agent (gRPC, HTTP, metrics export), the runtime env agent, the dashboard's and the autoscaler's metrics ports.
+# Ray reads it once, when `ray` is first imported (ray/_private/ray_constants.py:658).
+LOOPBACK_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an HTTP listen address) is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name or an interface's address
+        return False
+
+
+def local_ray_env(loopback: bool = False) -> None:
+    """Put ``LOCAL_RAY_ENV`` (and with ``loopback``, ``LOOPBACK_RAY_ENV``) into this process's environment
+    (settings already there win); call before ``ray.init`` (for ``loopback``, before ``import ray``)."""
+    for name, value in (LOCAL_RAY_ENV | (LOOPBACK_RAY_ENV if loopback else {})).items():
         os.environ.setdefault(name, value)
 
 
@@ -107,20 +127,33 @@ def start_local(
 
     With gRPC enabled, Serve's gRPC proxy listens on ``grpc_port`` (default: the config's ``grpc.port``).
 
+    With a loopback ``host``, the Ray started here listens on loopback only, as the HTTP proxy does. Serve binds
+    two servers to all interfaces whatever it is asked: its gRPC proxy (``gRPCOptions`` has no host;
+    ray/serve/_private/grpc_util.py:204) and each replica's inter-deployment gRPC server
+    (ray/serve/_private/replica.py:1835).
+
     Ray's CPU count here is logical: replicas of all stages share the machine's cores, so at least as many
     logical CPUs as the deployments reserve are advertised.
     """
+    host = host or config.http.host
+    port = port or config.http.port
+    # Only before Ray's first import: set later, the switch would not reach this Ray but every Ray started from
+    # this process's children.
+    local_ray_env(loopback=is_loopback(host) and "ray" not in sys.modules)
+
     import ray
     from ray import serve
 
     from serving.app import build_app, grpc_options
 
-    local_ray_env()
-    host = host or config.http.host
-    port = port or config.http.port
     if not ray.is_initialized():
         num_cpus = max(os.cpu_count() or 1, int(reserved_cpus(config) + 0.999) + 1)
         ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
+        node_ip = ray.util.get_node_ip_address()
+        if is_loopback(host) and not is_loopback(node_ip):
+            logger.warning("Ray was imported before start_local: its node address is %s and it listens on all "
+                           "interfaces, not on %s only (set %s=0 before importing Ray)",
+                           node_ip, host, *LOOPBACK_RAY_ENV)  # fmt: skip
     grpc = grpc_options(config)
     if grpc is not None and grpc_port is not None:
         grpc["port"] = grpc_port
