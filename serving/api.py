@@ -392,10 +392,14 @@ def create_api(
         return {"status": "ok"}
 
     @app.get("/readyz", responses={503: _ERRORS[503]})
-    async def readyz() -> JSONResponse:
-        """`ready`, `degraded` (serving; a configured model or artifact failed to load) or 503 `not_ready`."""
+    async def readyz(request: Request) -> JSONResponse:
+        """`ready`, `degraded` (serving; a configured model or artifact failed to load) or 503 `not_ready`.
+        With API keys on, probes without a key get the status alone; the details (stages, devices, versions,
+        files, errors) need a key."""
         state = await service.readiness()
         not_ready = state.pop("not_ready")
+        if keys is not None and keys.verify(presented_key(request.headers.get("authorization"))) is None:
+            state = {"status": state["status"]}
         if state["status"] == "not_ready":
             err = ApiError(503, "not_ready", f"not ready: {', '.join(not_ready)}")
             body = {"error": {"code": err.code, "message": err.message, "param": None}}

@@ -41,6 +41,8 @@ def test_keys_and_tenants(live: LiveService, tmp_path: Path) -> None:
             assert time.monotonic() < deadline, ready.text
             time.sleep(0.5)
         assert http.get("/healthz").status_code == 200
+        assert ready.json() == {"status": "ready"}  # no key: the status alone, no pids, paths or versions
+        assert "stages" in http.get("/readyz", headers=bearer(KEY_A)).json()
 
         # REST: no key, a wrong key -> 401 in the error shape with a Bearer challenge; the OpenAI SDK's api_key works.
         for headers in ({}, bearer("sds_wrong"), {"Authorization": "Basic !!"}):
