@@ -17,6 +17,7 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 
 from models.schedulers import SCHEDULERS
+from serving import audit
 from serving.a1111 import A1111Api, create_router
 from serving.auth import act_as, presented_key, reset_principal
 from serving.errors import ApiError, BodySizeLimit, install_error_handlers, invalid, validation_error
@@ -204,6 +205,7 @@ def create_api(
                 if metrics is not None:
                     metrics.observe_error("unauthorized")
                 return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": challenge})
+            request.state.principal = principal  # for the audit line, written outside this middleware
             token = act_as(principal)
             try:
                 return await call_next(request)
@@ -219,6 +221,32 @@ def create_api(
             route = getattr(request.scope.get("route"), "path", "unmatched")
             metrics.observe_request(route, response.status_code, time.perf_counter() - started)
             return response
+
+    @app.middleware("http")  # added last: outermost, so its line covers the auth refusals too
+    async def audit_line(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        fields, token = audit.begin()
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            audit.end(token)
+            principal = getattr(request.state, "principal", None)
+            service.audit.write(
+                {
+                    "tenant": principal.tenant if principal else None,
+                    "key_id": principal.key_id if principal else None,
+                    "api": "http",
+                    "method": request.method,
+                    "route": getattr(request.scope.get("route"), "path", request.url.path),
+                    "status": status,
+                    "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+                    "trace_id": audit.trace_id(request.headers.get("traceparent")),
+                    **fields,
+                }
+            )
 
     def base_url(request: Request) -> str:
         return (config.outputs.public_base_url or str(request.base_url)).rstrip("/")

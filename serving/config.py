@@ -339,6 +339,12 @@ class AuthSpec(_Strict):
         return self
 
 
+class AuditSpec(_Strict):
+    """The audit log: one JSON line per API call (see serving/audit.py), to the `sdserve.audit` logger."""
+
+    path: str | None = Field(default=None, description="Also append the lines to this file.")
+
+
 class JobsSpec(_Strict):
     """Asynchronous jobs (POST /v1/jobs, gRPC GenerateStream): where they are kept and for how long."""
 
@@ -492,6 +498,7 @@ class AppConfig(_Strict):
     jobs: JobsSpec = Field(default_factory=JobsSpec, description="Asynchronous jobs.")
     styles: StylesSpec = Field(default_factory=StylesSpec, description="Style presets.")
     auth: AuthSpec = Field(default_factory=AuthSpec, description="API keys and tenants.")
+    audit: AuditSpec = Field(default_factory=AuditSpec, description="Audit log.")
 
     @model_validator(mode="after")
     def _consistent(self) -> AppConfig:

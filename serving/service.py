@@ -20,6 +20,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from models.contracts import EncodedImages, Pixels
 from models.errors import StageInputError, UnknownModelError
 from models.registry.errors import RegistryError
+from serving import audit
+from serving.audit import AuditLog
 from serving.auth import KeyRing
 from serving.config import AppConfig
 from serving.env import SDSERVE_HOME
@@ -106,6 +108,7 @@ class GenerationService:
         self.runner = ChainRunner(self.clients, config.limits, self._map_error)
         auth = config.auth
         self.keys = KeyRing(auth.keys_file, auth.reload_interval_s) if auth.enabled and auth.keys_file else None
+        self.audit = AuditLog(config.audit.path)
 
     @classmethod
     def over_handles(cls, config: AppConfig, handles: Mapping[str, Any]) -> GenerationService:
@@ -148,6 +151,24 @@ class GenerationService:
         if images.withheld and all(images.withheld):
             raise content_policy_violation(len(images.withheld))
         elapsed = (time.perf_counter() - started) * 1000
+        mode = (
+            "hires"
+            if req.hires
+            else "txt2img"
+            if req.init is None
+            else "inpaint"
+            if req.init.mask is not None
+            else "img2img"
+        )
+        audit.note(
+            model=req.model or None,
+            model_version=images.model_version,
+            mode=mode if req.model else "postprocess",
+            size=f"{images.width}x{images.height}",
+            steps=req.steps,
+            images=len(images.images) - sum(images.withheld),
+            styles=list(req.styles) or None,
+        )
         logger.info(
             "generated model=%s plan=%s steps=%d size=%dx%d n=%d user=%s in %.0f ms",
             req.model, "+".join(plan.stages), req.steps, images.width, images.height, len(images.images), req.user,

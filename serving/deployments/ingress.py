@@ -7,6 +7,7 @@ Serve's HTTP proxy hands HTTP requests to the FastAPI app; its gRPC proxy calls 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -16,12 +17,14 @@ from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
+from serving import audit
 from serving.a1111 import A1111Api
 from serving.api import create_api
 from serving.auth import act_as, reset_principal
 from serving.config import AppConfig
+from serving.errors import ApiError
 from serving.generated.sdserve.v1 import sdserve_pb2 as pb
-from serving.grpc_api import GrpcApi, authenticate, set_status
+from serving.grpc_api import GrpcApi, authenticate, grpc_status, set_status
 from serving.jobs import JobManager
 from serving.jobstore import open_job_store
 from serving.outputs import OutputSweeper, open_output_store
@@ -96,16 +99,40 @@ class IngressDeployment:
         return await self._unary(models, request, grpc_context)
 
     async def _unary(self, method: Callable[[Any], Awaitable[T]], request: Any, grpc_context: RayServegRPCContext) -> T:
-        """A data-plane RPC: the caller's key checked (its tenant scopes jobs), errors as gRPC statuses."""
+        """A data-plane RPC: the caller's key checked (its tenant scopes jobs), errors as gRPC statuses, and its
+        audit line."""
+        fields, audit_token = audit.begin()
+        started = time.perf_counter()
+        metadata = grpc_context.invocation_metadata()
+        principal = None
+        status = "OK"
         try:
-            token = act_as(authenticate(self.service.keys, grpc_context.invocation_metadata()))
+            principal = authenticate(self.service.keys, metadata)
+            token = act_as(principal)
+            try:
+                return await _unary(method(request), grpc_context)
+            finally:
+                reset_principal(token)
         except BaseException as exc:
             set_status(grpc_context, exc)
+            status = grpc_status(exc).name if isinstance(exc, ApiError) else type(exc).__name__
             raise
-        try:
-            return await _unary(method(request), grpc_context)
         finally:
-            reset_principal(token)
+            audit.end(audit_token)
+            traceparent = next((str(v) for k, v in metadata if k.lower() == "traceparent"), None)
+            self.service.audit.write(
+                {
+                    "tenant": principal.tenant if principal else None,
+                    "key_id": principal.key_id if principal else None,
+                    "api": "grpc",
+                    "method": "RPC",
+                    "route": getattr(method, "__name__", "rpc"),
+                    "status": status,
+                    "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+                    "trace_id": audit.trace_id(traceparent),
+                    **fields,
+                }
+            )
 
     # -- gRPC (grpc.health.v1.Health) --------------------------------------------------------------------------
 

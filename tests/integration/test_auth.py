@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from tests.integration.conftest import LiveService, extra_app
 pytestmark = pytest.mark.integration
 
 KEY_A, KEY_B, KEY_C = "sds_key-of-team-a", "sds_key-of-team-b", "sds_rotated-in"
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 def write_keys(path: Path, *entries: tuple[str, str, str]) -> None:
@@ -32,8 +34,9 @@ def test_keys_and_tenants(live: LiveService, tmp_path: Path) -> None:
     keys = tmp_path / "keys.yaml"
     write_keys(keys, ("a", "team-a", KEY_A), ("b", "team-b", KEY_B))
     auth = {"enabled": True, "keys_file": str(keys), "reload_interval_s": 0.2}
+    audit_file = tmp_path / "audit.jsonl"
     with (
-        extra_app(live, "secured", tmp_path / "out", auth=auth) as url,
+        extra_app(live, "secured", tmp_path / "out", auth=auth, audit={"path": str(audit_file)}) as url,
         httpx.Client(base_url=url, timeout=120) as http,
     ):
         deadline = time.monotonic() + 300
@@ -50,7 +53,7 @@ def test_keys_and_tenants(live: LiveService, tmp_path: Path) -> None:
             assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Bearer")
             assert refused.json()["error"]["code"] == "unauthorized"
         assert http.get("/v1/models").status_code == 401
-        client = OpenAI(base_url=f"{url}/v1", api_key=KEY_A)
+        client = OpenAI(base_url=f"{url}/v1", api_key=KEY_A, default_headers={"traceparent": TRACEPARENT})
         made = client.images.generate(prompt="a fox", size="64x64", response_format="url", extra_body={"steps": 2})
         assert made.data and made.data[0].url
         with pytest.raises(AuthenticationError):
@@ -100,3 +103,19 @@ def test_keys_and_tenants(live: LiveService, tmp_path: Path) -> None:
             assert foreign.value.code() == grpc.StatusCode.NOT_FOUND
             mine = stub.GetJob(pb.GetJobRequest(job_id=job), metadata=(*app, ("authorization", f"Bearer {KEY_A}")))
             assert mine.id == job
+
+    # The audit log: one JSON line per call, with the tenant and key id (never the key), what was generated,
+    # the status and the client's trace id.
+    text = audit_file.read_text()
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert all(key not in text for key in (KEY_A, KEY_B, KEY_C))
+    (made_line,) = [e for e in lines if e["route"] == "/v1/images/generations" and e["status"] == 200]
+    assert made_line["tenant"] == "team-a" and made_line["key_id"] == "a" and made_line["api"] == "http"
+    assert (made_line["model"], made_line["size"], made_line["steps"], made_line["images"]) == ("tiny", "64x64", 2, 1)
+    assert made_line["mode"] == "txt2img" and made_line["trace_id"] == TRACEPARENT.split("-")[1]
+    assert made_line["latency_ms"] > 0
+    refused_lines = [e for e in lines if e["status"] == 401]
+    assert refused_lines and all(e["tenant"] is None and e["key_id"] is None for e in refused_lines)
+    assert any(e["route"] == "/sdapi/v1/txt2img" and e["tenant"] == "team-b" for e in lines)
+    rpcs = [e for e in lines if e["api"] == "grpc"]
+    assert {e["status"] for e in rpcs} >= {"OK", "UNAUTHENTICATED", "NOT_FOUND"}
