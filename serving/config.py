@@ -339,6 +339,27 @@ class AuthSpec(_Strict):
         return self
 
 
+class QuotaSpec(_Strict):
+    """What one tenant may use; unset: no limit."""
+
+    requests_per_minute: int | None = Field(default=None, ge=1, description="Generation requests per minute.")
+    images_per_day: int | None = Field(default=None, ge=1, description="Images generated per day.")
+    compute_per_day: float | None = Field(
+        default=None, gt=0, description="Compute per day in megapixel-steps (width x height x steps x images / 1e6)."
+    )
+    concurrent_requests: int | None = Field(
+        default=None, ge=1, description="Generations running at once (jobs included, while they run)."
+    )
+
+
+class QuotasSpec(_Strict):
+    """Per-tenant rate limits and quotas, counted in Redis when `jobs.store_url` is a Redis URL (shared by every
+    ingress replica), else in memory. A refused request is a 429 before any stage runs."""
+
+    default: QuotaSpec = Field(default_factory=QuotaSpec, description="Every tenant's limits unless listed.")
+    tenants: dict[str, QuotaSpec] = Field(default_factory=dict, description="Limits of named tenants.")
+
+
 class AuditSpec(_Strict):
     """The audit log: one JSON line per API call (see serving/audit.py), to the `sdserve.audit` logger."""
 
@@ -499,6 +520,7 @@ class AppConfig(_Strict):
     styles: StylesSpec = Field(default_factory=StylesSpec, description="Style presets.")
     auth: AuthSpec = Field(default_factory=AuthSpec, description="API keys and tenants.")
     audit: AuditSpec = Field(default_factory=AuditSpec, description="Audit log.")
+    quotas: QuotasSpec = Field(default_factory=QuotasSpec, description="Rate limits and quotas per tenant.")
 
     @model_validator(mode="after")
     def _consistent(self) -> AppConfig:

@@ -51,6 +51,7 @@ STATUS_BY_CODE: dict[str, grpc.StatusCode] = {
 STATUS_BY_HTTP: dict[int, grpc.StatusCode] = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     404: grpc.StatusCode.NOT_FOUND,
     409: grpc.StatusCode.FAILED_PRECONDITION,
     422: grpc.StatusCode.INVALID_ARGUMENT,

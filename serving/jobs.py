@@ -100,6 +100,13 @@ class JobManager:
                             "Idempotency-Key",
                         )
                     return await self._checked(existing), False
+        if self.service.quotas.active:  # a new job: counted now and refused now (429), not after the 202
+            try:
+                await asyncio.to_thread(self.service.quotas.charge, tenant, req)
+            except ApiError:
+                if idempotency_key is not None:  # a retry with this key must be free to create the job
+                    await self.store.release_key(idempotency_key, job)
+                raise
         if not self._take_place(job.id):
             await self._refuse(job, idempotency_key, "the job queue is full")
         try:
@@ -182,7 +189,7 @@ class JobManager:
                 # Only the stage calls count against the deadline: a backoff that wakes late ends as
                 # "overloaded" below, whatever the timing.
                 async with asyncio.timeout_at(deadline):
-                    return await self.service.generate(req, progress, preview=job.preview)
+                    return await self.service.generate(req, progress, preview=job.preview, charged=True)
             except TimeoutError as exc:
                 raise ApiError(
                     504, "timeout", f"the job did not finish within {limits.request_timeout_s:g}s of leaving the queue"

@@ -20,13 +20,14 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from models.contracts import EncodedImages, Pixels
 from models.errors import StageInputError, UnknownModelError
 from models.registry.errors import RegistryError
-from serving import audit
+from serving import audit, auth
 from serving.audit import AuditLog
 from serving.auth import KeyRing
 from serving.config import AppConfig
 from serving.env import SDSERVE_HOME
 from serving.errors import ApiError, content_policy_violation, invalid
 from serving.plans import Plan, plan_generation, plan_postprocess
+from serving.quotas import Quotas
 from serving.resolver import GenerationRequest, MaskSource, RequestResolver
 from serving.rollout import ModelCatalogState, ModelRollout
 from serving.runner import ChainRunner, OnProgress, RayStageClient, StageClient
@@ -109,6 +110,7 @@ class GenerationService:
         auth = config.auth
         self.keys = KeyRing(auth.keys_file, auth.reload_interval_s) if auth.enabled and auth.keys_file else None
         self.audit = AuditLog(config.audit.path)
+        self.quotas = Quotas(config.quotas, config.jobs.store_url)
 
     @classmethod
     def over_handles(cls, config: AppConfig, handles: Mapping[str, Any]) -> GenerationService:
@@ -130,14 +132,20 @@ class GenerationService:
         return self.resolver.resolve(req, image, mask, mask_source, styles)
 
     async def generate(
-        self, req: GenerationRequest, on_progress: OnProgress | None = None, preview: bool = False
+        self,
+        req: GenerationRequest,
+        on_progress: OnProgress | None = None,
+        preview: bool = False,
+        charged: bool = False,
     ) -> GenerationResult:
-        """Run one request's plan within the configured deadline (see ``ChainRunner``).
+        """Run one request's plan within the configured deadline (see ``ChainRunner``), within the caller's
+        tenant's quotas (a 429 before any stage runs; ``charged``: already counted, as a job is at submit).
 
         With ``on_progress``, the denoiser streams a ``DenoiseProgress`` after each of its steps (carrying a
         low-resolution preview when ``preview`` is set) and ``on_progress`` is awaited for each.
         """
-        return await self._run(req, plan_generation(req), on_progress, preview)
+        async with self.quotas.admit(auth.current().tenant, req, charge=not charged):
+            return await self._run(req, plan_generation(req), on_progress, preview)
 
     async def postprocess(self, req: GenerationRequest, pixels: Pixels) -> GenerationResult:
         """Run only the post-processing ``req`` asks for (e.g. an upscale) on an image the client sent."""

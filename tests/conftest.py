@@ -51,3 +51,39 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
     """A Hugging Face hub (olah, offline mode) on loopback serving local git repositories."""
     with hub_server(tmp_path_factory.mktemp("hub")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server (Debian's, installed by `make redis`) on a free loopback port, without persistence."""
+    import shutil
+    import subprocess
+    import time
+
+    import redis
+
+    from serving.local import free_port
+
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is not installed; run `make redis`"
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(host="127.0.0.1", port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline and process.poll() is None, "redis-server did not start"
+            time.sleep(0.05)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        client.close()
+        process.terminate()
+        process.wait(timeout=10)

@@ -36,7 +36,14 @@ def test_keys_and_tenants(live: LiveService, tmp_path: Path) -> None:
     auth = {"enabled": True, "keys_file": str(keys), "reload_interval_s": 0.2}
     audit_file = tmp_path / "audit.jsonl"
     with (
-        extra_app(live, "secured", tmp_path / "out", auth=auth, audit={"path": str(audit_file)}) as url,
+        extra_app(
+            live,
+            "secured",
+            tmp_path / "out",
+            auth=auth,
+            audit={"path": str(audit_file)},
+            quotas={"tenants": {"team-c": {"requests_per_minute": 1}}},
+        ) as url,
         httpx.Client(base_url=url, timeout=120) as http,
     ):
         deadline = time.monotonic() + 300
@@ -84,6 +91,15 @@ def test_keys_and_tenants(live: LiveService, tmp_path: Path) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.2)
         assert http.get("/v1/models", headers=bearer(KEY_B)).status_code == 401
+
+        # Quotas: team C may make one request a minute; the second is a 429 before any stage runs.
+        body_c = {"prompt": "x", "steps": 2}
+        assert http.post("/v1/images/generations", json=body_c, headers=bearer(KEY_C)).status_code == 200
+        limited = http.post("/v1/images/generations", json=body_c, headers=bearer(KEY_C))
+        assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
+        assert limited.headers["X-RateLimit-Limit"] == "1" and int(limited.headers["Retry-After"]) >= 1
+        assert http.post("/v1/jobs", json=body_c, headers=bearer(KEY_C)).status_code == 429  # jobs too, at submit
+        assert http.post("/v1/images/generations", json=body_c, headers=bearer(KEY_A)).status_code == 200
         assert "api_keys" in http.get("/v1/status", headers=bearer(KEY_A)).json()["auth"]
 
         # gRPC: `authorization` metadata; without it UNAUTHENTICATED; a job of A is not found for B.
@@ -109,11 +125,13 @@ def test_keys_and_tenants(live: LiveService, tmp_path: Path) -> None:
     text = audit_file.read_text()
     lines = [json.loads(line) for line in text.splitlines()]
     assert all(key not in text for key in (KEY_A, KEY_B, KEY_C))
-    (made_line,) = [e for e in lines if e["route"] == "/v1/images/generations" and e["status"] == 200]
+    traced = TRACEPARENT.split("-")[1]
+    (made_line,) = [e for e in lines if e["route"] == "/v1/images/generations" and e["trace_id"] == traced]
     assert made_line["tenant"] == "team-a" and made_line["key_id"] == "a" and made_line["api"] == "http"
     assert (made_line["model"], made_line["size"], made_line["steps"], made_line["images"]) == ("tiny", "64x64", 2, 1)
-    assert made_line["mode"] == "txt2img" and made_line["trace_id"] == TRACEPARENT.split("-")[1]
+    assert made_line["mode"] == "txt2img" and made_line["status"] == 200
     assert made_line["latency_ms"] > 0
+    assert any(e["status"] == 429 and e["tenant"] == "team-c" for e in lines)
     refused_lines = [e for e in lines if e["status"] == 401]
     assert refused_lines and all(e["tenant"] is None and e["key_id"] is None for e in refused_lines)
     assert any(e["route"] == "/sdapi/v1/txt2img" and e["tenant"] == "team-b" for e in lines)
