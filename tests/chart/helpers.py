@@ -14,7 +14,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "sdserve"
-VALUES_SETS = {"default": []} | {p.stem: [p] for p in sorted((CHART / "ci").glob("*.yaml"))}
+# "default" is the chart's defaults: auth is on and a bare render fails by design until the key file's Secret is
+# named (test_chart.py::test_bare_render_asks_for_api_keys), so it names that Secret and nothing else.
+CHART_DEFAULTS = Path(__file__).with_name("default-values.yaml")
+VALUES_SETS = {"default": [CHART_DEFAULTS]} | {p.stem: [p] for p in sorted((CHART / "ci").glob("*.yaml"))}
 KUBERAY_SCHEMAS = Path(os.environ.get("SDSERVE_KUBERAY_SCHEMAS", ROOT.parent / "shared" / "schemas" / "kuberay"))
 KUBERNETES_VERSION = "1.33.0"
 

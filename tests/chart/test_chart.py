@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import jsonschema
 import kubernetes_validate
@@ -18,6 +18,7 @@ from serving.config import AppConfig
 from serving.stages import STAGES, Stage, chart_table, deployed_stages
 from tests.chart.helpers import (
     CHART,
+    CHART_DEFAULTS,
     KUBERAY_SCHEMAS,
     KUBERNETES_VERSION,
     VALUES_SETS,
@@ -60,12 +61,15 @@ def test_every_object_validates(rendering: tuple[str, list[dict]]) -> None:
 
 
 def test_values_schema_rejects_bad_values() -> None:
-    bad = helm("template", "x", str(CHART), "--set", "workerGroups.denoiser.gpus=-1", check=False)
+    defaults = ("-f", str(CHART_DEFAULTS))  # so that the schema, not the missing key Secret, is what refuses
+    bad = helm("template", "x", str(CHART), *defaults, "--set", "workerGroups.denoiser.gpus=-1", check=False)
     assert bad.returncode != 0 and "gpus" in bad.stderr
-    bad = helm("template", "x", str(CHART), "--set", "rayService.upgradeStrategy=Sometimes", check=False)
-    assert bad.returncode != 0
-    bad = helm("template", "x", str(CHART), "--set", "nosuchvalue=1", check=False)
-    assert bad.returncode != 0
+    bad = helm("template", "x", str(CHART), *defaults, "--set", "rayService.upgradeStrategy=Sometimes", check=False)
+    assert bad.returncode != 0 and "upgradeStrategy" in bad.stderr
+    bad = helm("template", "x", str(CHART), *defaults, "--set", "nosuchvalue=1", check=False)
+    assert bad.returncode != 0 and "nosuchvalue" in bad.stderr
+    bad = helm("template", "x", str(CHART), *defaults, "--set", "auth.nosuchvalue=1", check=False)
+    assert bad.returncode != 0 and "nosuchvalue" in bad.stderr
 
 
 def test_pods_are_restricted_and_sized(rendering: tuple[str, list[dict]]) -> None:
@@ -159,11 +163,14 @@ def group_enabled(values: dict, stage: Stage) -> bool:
     return bool(group["enabled"])
 
 
+AUTH_KEYS_FILE = "/etc/sdserve/auth/keys.yaml"
+
+
 def deployed_config(values_files: list[Path]) -> AppConfig:
     """The AppConfig a release with these values files deploys: the values' `config`, plus what the chart pins
     (HTTP on 0.0.0.0:service.httpPort, gRPC per `grpc.enabled`, images under /tmp, which the read-only root
-    filesystem leaves writable, and each deployed stage on its group's custom resource, the ingress on the
-    head's)."""
+    filesystem leaves writable, each deployed stage on its group's custom resource, the ingress on the
+    head's, and API keys per `auth.enabled`)."""
     values = chart_values(values_files)
     pins: dict = {
         "http": {"host": "0.0.0.0", "port": values["service"]["httpPort"]},
@@ -177,6 +184,8 @@ def deployed_config(values_files: list[Path]) -> AppConfig:
     styles = values["stylePresets"]
     if styles["presets"] or styles["existingConfigMap"]:  # the preset ConfigMap, mounted in every pod
         pins["styles"] = {"directory": "/etc/sdserve/styles"}
+    # API keys: the key file of the Secret mounted in every pod, or off (a render with auth on and no Secret fails).
+    pins["auth"] = {"enabled": True, "keys_file": AUTH_KEYS_FILE} if values["auth"]["enabled"] else {"enabled": False}
     return AppConfig.model_validate(merged(values["config"], pins))
 
 
@@ -230,7 +239,7 @@ def test_stages_are_pinned_to_their_groups(rendering: tuple[str, list[dict]]) ->
 
 
 def test_gpu_limits_follow_values() -> None:
-    docs = render()
+    docs = render(VALUES_SETS["default"])
     (service,) = [d for d in docs if d["kind"] == "RayService"]
     cluster = service["spec"]["rayClusterConfig"]
     head_limits = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
@@ -311,9 +320,10 @@ def test_worker_groups_and_pdbs_follow_the_stage_table(rendering: tuple[str, lis
 
 
 def test_a_worker_group_entry_naming_no_stage_fails() -> None:
-    bad = helm("template", "x", str(CHART), "--set", "workerGroups.encodr.gpus=0", check=False)
+    defaults = ("-f", str(CHART_DEFAULTS))
+    bad = helm("template", "x", str(CHART), *defaults, "--set", "workerGroups.encodr.gpus=0", check=False)
     assert bad.returncode != 0 and "workerGroups.encodr" in bad.stderr and "additionalWorkerGroups" in bad.stderr
-    bad = helm("template", "x", str(CHART), "--set", "additionalWorkerGroups.denoiser.gpus=0", check=False)
+    bad = helm("template", "x", str(CHART), *defaults, "--set", "additionalWorkerGroups.denoiser.gpus=0", check=False)
     assert bad.returncode != 0 and "additionalWorkerGroups.denoiser" in bad.stderr
 
 
@@ -336,7 +346,7 @@ def test_a_new_stage_needs_no_template_change(tmp_path: Path) -> None:
     always_groups = list(dict.fromkeys(row["workerGroup"] for row in table["stages"] if not row["optional"]))
 
     # No upscaler in the catalog: no Upscaler deployment, group or PDB; the empty section is still user_config.
-    docs = render(sets=["config.upscalers=[]"], chart=chart)
+    docs = render(VALUES_SETS["default"], sets=["config.upscalers=[]"], chart=chart)
     app = serve_config_of(docs)["applications"][0]
     assert [d["name"] for d in app["deployments"]] == ["Ingress", *always]
     assert all(d["user_config"]["upscalers"] == [] for d in app["deployments"])
@@ -344,7 +354,9 @@ def test_a_new_stage_needs_no_template_change(tmp_path: Path) -> None:
     assert "upscaler" not in worker_groups(docs) and "upscaler" not in pdb_groups(docs)
 
     # One upscaler: its deployment, a group from workerGroupDefaults, its PDB, and the pin.
-    docs = render(sets=['config.upscalers=[{"name": "x4", "source": "/models/x4"}]'], chart=chart)
+    docs = render(
+        VALUES_SETS["default"], sets=['config.upscalers=[{"name": "x4", "source": "/models/x4"}]'], chart=chart
+    )
     app = serve_config_of(docs)["applications"][0]
     assert [d["name"] for d in app["deployments"]] == ["Ingress", *always, "Upscaler"]
     for deployment in app["deployments"]:
@@ -371,6 +383,7 @@ def test_a_new_stage_needs_no_template_change(tmp_path: Path) -> None:
 
     # Its group takes values like any other, and off it is neither rendered nor pinned.
     docs = render(
+        VALUES_SETS["default"],
         sets=['config.upscalers=[{"name": "x4", "source": "/models/x4"}]', "workerGroups.upscaler.enabled=false"],
         chart=chart,
     )
@@ -385,9 +398,12 @@ def test_additional_worker_groups() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     (example,) = values["additionalWorkerGroups"]
     assert values["additionalWorkerGroups"][example]["disabled"] is True
-    assert example not in worker_groups(render())
+    assert example not in worker_groups(render(VALUES_SETS["default"]))
 
-    docs = render(sets=[f"additionalWorkerGroups.{example}.disabled=false", 'additionalWorkerGroups.spot={"gpus": 0}'])
+    docs = render(
+        VALUES_SETS["default"],
+        sets=[f"additionalWorkerGroups.{example}.disabled=false", 'additionalWorkerGroups.spot={"gpus": 0}'],
+    )
     groups = worker_groups(docs)
     stage_groups = [g for g in groups if g not in (example, "spot")]
     assert stage_groups and list(groups) == [*stage_groups, example, "spot"]
@@ -404,8 +420,9 @@ def test_additional_worker_groups() -> None:
     assert pdb_groups(docs) == set(stage_groups)
     (service,) = [d for d in docs if d["kind"] == "RayService"]
     jsonschema.validate(service, crd_schema("RayService"))
-    bad = helm("template", "x", str(CHART), "--set", "additionalWorkerGroups.bad_name.gpus=0", check=False)
-    assert bad.returncode != 0
+    defaults = ("-f", str(CHART_DEFAULTS))
+    bad = helm("template", "x", str(CHART), *defaults, "--set", "additionalWorkerGroups.bad_name.gpus=0", check=False)
+    assert bad.returncode != 0 and "bad_name" in bad.stderr
 
 
 def test_style_presets_are_files_of_a_mounted_configmap() -> None:
@@ -429,3 +446,72 @@ def test_style_presets_are_files_of_a_mounted_configmap() -> None:
         assert mounts and all(m["mountPath"] == "/etc/sdserve/styles" and m["readOnly"] for m in mounts)
     minimal = render(VALUES_SETS["minimal-values"])
     assert not [d for d in minimal if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-styles")]
+
+
+def test_bare_render_asks_for_api_keys() -> None:
+    """Auth is on by default: without the key file's Secret the chart does not render, and the error says how to
+    make keys, how to store them, and how to choose an open service instead; off, it renders. (`helm lint` lets
+    a template's `fail` through by design, so only rendering is checked.)"""
+    bare = helm("template", "x", str(CHART), "--namespace", "images", check=False)
+    assert bare.returncode != 0
+    for advice in (
+        "auth.existingSecret is empty",
+        "sdserve keys create --tenant <name>",
+        "kubectl -n images create secret generic sdserve-api-keys --from-file=keys.yaml=keys.yaml",
+        "--set auth.existingSecret=sdserve-api-keys",
+        "auth.enabled=false",
+    ):
+        assert advice in bare.stderr, bare.stderr
+    docs = render(sets=['auth={"enabled": false}'])
+    assert serve_config_of(docs)["applications"][0]["args"]["auth"]["enabled"] is False
+
+
+def test_value_sets_cover_auth_on_and_off() -> None:
+    """test_api_keys_come_from_the_mounted_secret sees both cases, and a non-default Secret item."""
+    auths = [chart_values(files)["auth"] for files in VALUES_SETS.values()]
+    assert {a["enabled"] for a in auths} == {True, False}
+    assert any(a["enabled"] and a["key"] != "keys.yaml" for a in auths)
+
+
+def test_api_keys_come_from_the_mounted_secret(rendering: tuple[str, list[dict]]) -> None:
+    """With `auth.existingSecret`, every Ray pod mounts the Secret's key file (item `auth.key`) read-only where the
+    served config's `auth.keys_file` points, as a directory (a subPath mount would never see a rotated Secret),
+    and auth is on; with `auth.enabled: false` nothing is mounted and auth is off. No environment variable
+    promises keys that no code reads."""
+    name, docs = rendering
+    auth = chart_values(VALUES_SETS[name])["auth"]
+    served = serve_config_of(docs)["applications"][0]["args"]["auth"]
+    assert served["enabled"] is auth["enabled"]
+    pods = [pod for doc in docs for pod in pod_templates(doc)]
+    assert pods
+    for pod in pods:
+        secrets = [v for v in pod["spec"]["volumes"] if "secret" in v]
+        containers = pod["spec"]["containers"]
+        assert containers
+        assert not [e for c in containers for e in c.get("env", []) if e["name"] == "SDSERVE_API_KEYS"]
+        if not auth["enabled"]:
+            assert not secrets
+            continue
+        (volume,) = secrets
+        assert volume["secret"]["secretName"] == auth["existingSecret"]
+        (item,) = volume["secret"]["items"]
+        assert item["key"] == auth["key"]
+        for container in containers:
+            (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+            assert mount["readOnly"] is True and "subPath" not in mount
+            assert PurePosixPath(mount["mountPath"]) / item["path"] == PurePosixPath(served["keys_file"])
+
+
+def test_notes_warn_when_the_service_is_open() -> None:
+    """NOTES.txt says a release without API keys is open to anyone who reaches it; with keys, it shows the header."""
+
+    def notes(values: list[Path]) -> str:
+        args = ["install", "x", str(CHART), "--dry-run=client"] + [a for v in values for a in ("-f", str(v))]
+        out = helm(*args).stdout
+        return out[out.index("NOTES:") :]
+
+    open_notes = notes(VALUES_SETS["ci-values"])
+    assert "API keys are off" in open_notes and "open to anyone who reaches it" in open_notes
+    assert "Authorization" not in open_notes
+    keyed = notes(VALUES_SETS["minimal-values"])
+    assert "Authorization: Bearer" in keyed and "sdserve-api-keys" in keyed and "open to anyone" not in keyed

@@ -13,17 +13,21 @@ import pytest
 import yaml
 from PIL import Image
 
+from serving.auth import hash_key
 from serving.local import free_port
 from tests.chart.helpers import CHART, render
 from tests.serve_process import serve_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+KEY = "sds_chart-test-key"
+
 
 def test_rendered_serve_config_generates_an_upscaled_checked_image(tiny_model_dir: Path, tmp_path: Path) -> None:
     """With an upscaler and a safety checker (block mode) in the values, the chart's serveConfigV2 runs all five
-    stages, each on its group's resource, and serves an upscaled, checked image; a request whose only image the
-    checker flags is refused as a content policy violation."""
+    stages, each on its group's resource, and serves an upscaled, checked image to a caller with an API key (the
+    chart's default, auth on); a request whose only image the checker flags is refused as a content policy
+    violation, and one without a key is refused as unauthorized."""
     from models.safety import create_test_safety_checker
     from models.upscaler import create_test_upscaler
     from tests.integration.conftest import FLAGGED_REQUEST, flagged_images
@@ -42,14 +46,20 @@ def test_rendered_serve_config_generates_an_upscaled_checked_image(tiny_model_di
         "safety": {"mode": "block"},
     }
     values = tmp_path / "values.yaml"
-    values.write_text(yaml.safe_dump({"config": config}))
-    # Default (GPU) values: every stage asks for GPUs and its group's resource.
+    values.write_text(yaml.safe_dump({"config": config, "auth": {"existingSecret": "sdserve-api-keys"}}))
+    # Default (GPU) values: every stage asks for GPUs and its group's resource; API keys on.
     docs = render([values])
     (service,) = [d for d in docs if d["kind"] == "RayService"]
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
     port = free_port()
-    serve_config["http_options"]["port"] = port  # the only changes: free ports instead of 8000 and 9000
+    # The only changes: free ports instead of 8000 and 9000, and a local key file instead of the Secret's mount.
+    serve_config["http_options"]["port"] = port
     serve_config["grpc_options"]["port"] = free_port()
+    args = serve_config["applications"][0]["args"]
+    assert args["auth"]["enabled"] is True and args["auth"]["keys_file"] == "/etc/sdserve/auth/keys.yaml"
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump({"keys": [{"id": "chart-test", "tenant": "chart", "sha256": hash_key(KEY)}]}))
+    args["auth"]["keys_file"] = str(keys_file)
     config_file = tmp_path / "serve.yaml"
     config_file.write_text(yaml.safe_dump(serve_config))
 
@@ -60,8 +70,9 @@ def test_rendered_serve_config_generates_an_upscaled_checked_image(tiny_model_di
     ]:
         advertised.update(json.loads(json.loads(params["resources"])))
     # RAY_OVERRIDE_RESOURCES makes the local node advertise fake GPUs and the groups' custom resources.
+    key = {"Authorization": f"Bearer {KEY}"}
     with serve_run(config_file, port, {"RAY_OVERRIDE_RESOURCES": json.dumps(advertised)}) as url:
-        ready = httpx.get(f"{url}/readyz", timeout=30).json()
+        ready = httpx.get(f"{url}/readyz", headers=key, timeout=30).json()  # the details need a key
         assert {s: ready["stages"][s]["ready"] for s in ready["stages"]} == {
             "text_encoder": True,
             "denoiser": True,
@@ -72,6 +83,7 @@ def test_rendered_serve_config_generates_an_upscaled_checked_image(tiny_model_di
         response = httpx.post(
             f"{url}/v1/images/generations",
             json={**FLAGGED_REQUEST, "upscale": {"model": "x4", "factor": 2}},
+            headers=key,
             timeout=120,
         )
         assert response.status_code == 200, response.text
@@ -81,6 +93,8 @@ def test_rendered_serve_config_generates_an_upscaled_checked_image(tiny_model_di
         assert only["flagged"] is False
         image = Image.open(io.BytesIO(base64.b64decode(only["b64_json"])))
         assert image.size == (128, 128) and body["size"] == "128x128"
-        refused = httpx.post(f"{url}/v1/images/generations", json={**FLAGGED_REQUEST, "n": 1}, timeout=120)
+        refused = httpx.post(f"{url}/v1/images/generations", json={**FLAGGED_REQUEST, "n": 1}, headers=key, timeout=120)
         assert (refused.status_code, refused.json()["error"]["code"]) == (400, "content_policy_violation")
+        unauthorized = httpx.post(f"{url}/v1/images/generations", json={**FLAGGED_REQUEST, "n": 1}, timeout=30)
+        assert (unauthorized.status_code, unauthorized.json()["error"]["code"]) == (401, "unauthorized")
     assert CHART.is_dir()

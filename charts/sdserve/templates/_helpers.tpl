@@ -118,7 +118,8 @@ The extra worker groups of `additionalWorkerGroups` that are not `disabled`, by 
 
 {{/*
 The sdserve AppConfig the chart deploys: the user's `config`, plus each stage pinned to its worker group
-(and the ingress to the head) through custom Ray resources, and the HTTP proxy on 0.0.0.0:8000.
+(and the ingress to the head) through custom Ray resources, the HTTP proxy on 0.0.0.0:8000, and API keys read
+from the mounted Secret (`auth`).
 */}}
 {{- define "sdserve.appConfig" -}}
 {{- $pins := dict
@@ -147,6 +148,13 @@ The sdserve AppConfig the chart deploys: the user's `config`, plus each stage pi
 {{- end }}
 {{- if include "sdserve.stylesConfigMap" . }}
 {{- $_ := set $pins "styles" (dict "directory" "/etc/sdserve/styles") }}
+{{- end }}
+{{- /* API keys from the Secret mounted in every pod (sdserve.volumeMounts), or none; the chart's `auth`
+     values decide, `config.auth.reload_interval_s` is kept. */}}
+{{- if include "sdserve.authSecret" . }}
+{{- $_ := set $pins "auth" (dict "enabled" true "keys_file" "/etc/sdserve/auth/keys.yaml") }}
+{{- else }}
+{{- $_ := set $pins "auth" (dict "enabled" false) }}
 {{- end }}
 {{- $config := mustMergeOverwrite (deepCopy .Values.config) $pins }}
 {{- toYaml $config }}
@@ -222,13 +230,6 @@ is stale), so every setting the user leaves out appears with the application's d
   valueFrom:
     secretKeyRef: {name: {{ . }}, key: AWS_SECRET_ACCESS_KEY}
 {{- end }}
-{{- with .Values.secrets.apiKeys.existingSecret }}
-- name: SDSERVE_API_KEYS
-  valueFrom:
-    secretKeyRef:
-      name: {{ . }}
-      key: {{ $.Values.secrets.apiKeys.key }}
-{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
@@ -243,8 +244,29 @@ is stale), so every setting the user leaves out appears with the application's d
 {{- end -}}
 {{- end }}
 
+{{/*
+The Secret holding the API key file, or "" when auth is off. Auth on without a Secret fails the render: the
+service would not start without keys, so say how to make them (or how to choose an open service).
+*/}}
+{{- define "sdserve.authSecret" -}}
+{{- if .Values.auth.enabled -}}
+{{- if not .Values.auth.existingSecret -}}
+{{- $how := list
+  "auth.enabled is true (the default) but auth.existingSecret is empty: the service needs API keys."
+  "  1. Create a key: `sdserve keys create --tenant <name>` prints the key (give it to the client) and its entry"
+  "     for the key file; put the `keys:` entries of all your keys in one file, keys.yaml."
+  (printf "  2. Store the file: `kubectl -n %s create secret generic sdserve-api-keys --from-file=%s=keys.yaml`." .Release.Namespace .Values.auth.key)
+  "  3. Install with `--set auth.existingSecret=sdserve-api-keys`."
+  "Or set auth.enabled=false to install an open service: anyone who reaches it can generate images."
+}}
+{{- fail (printf "\n\n%s" (join "\n" $how)) -}}
+{{- end -}}
+{{ .Values.auth.existingSecret }}
+{{- end -}}
+{{- end }}
+
 {{/* Writable volumes of a read-only root filesystem: /tmp (Ray's /tmp/ray), /dev/shm, the model cache; and the
-style presets' ConfigMap, read-only. */}}
+style presets' ConfigMap and the API key Secret, read-only. */}}
 {{- define "sdserve.volumes" -}}
 - name: tmp
   emptyDir: {}
@@ -265,6 +287,14 @@ style presets' ConfigMap, read-only. */}}
   configMap:
     name: {{ . }}
 {{- end }}
+{{- with include "sdserve.authSecret" . }}
+- name: api-keys
+  secret:
+    secretName: {{ . }}
+    items:
+      - key: {{ $.Values.auth.key }}
+        path: keys.yaml
+{{- end }}
 {{- end }}
 
 {{- define "sdserve.volumeMounts" -}}
@@ -277,6 +307,13 @@ style presets' ConfigMap, read-only. */}}
 {{- if include "sdserve.stylesConfigMap" . }}
 - name: styles
   mountPath: /etc/sdserve/styles
+  readOnly: true
+{{- end }}
+{{- /* The directory, not the file (no subPath): kubelet updates a mounted Secret in place only without a
+     subPath, and the service re-reads the file when it changes, so keys rotate without a restart. */}}
+{{- if include "sdserve.authSecret" . }}
+- name: api-keys
+  mountPath: /etc/sdserve/auth
   readOnly: true
 {{- end }}
 {{- end }}
