@@ -23,24 +23,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import torch
 
-from benchmarks.upscale_safety import generation_model, summary, write_section
+from benchmarks.upscale_safety import generation_model, run_meta, summary, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "img2img"
@@ -214,18 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="img2img-") as name:
         measured = measure(settings, device, dtype, Path(name))
     results = {
-        "meta": {
-            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB",
-            "gpu": torch.cuda.get_device_name(device) if cuda else None,
-            "device": device.type,
-            "torch": torch.__version__,
-            "commit": subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-            ).stdout.strip(),
-            "settings": asdict(settings),
-            "wall_s": time.perf_counter() - started,
-        },
+        "meta": run_meta(device, settings, started),
         **measured,
     }
     out = Path(args.out)

@@ -415,26 +415,31 @@ def main(argv: list[str] | None = None) -> int:
         upscalers = measure_upscalers(settings, device, dtype, tmp)
         safety = measure_safety(settings, device, dtype, tmp)
     results = {
-        "meta": {
-            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB",
-            "gpu": torch.cuda.get_device_name(device) if cuda else None,
-            "device": device.type,
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "commit": subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-            ).stdout.strip(),
-            "quick": args.quick,
-            "settings": asdict(settings),
-            "wall_s": time.perf_counter() - started,
-        },
+        "meta": run_meta(device, settings, started, quick=args.quick),
         "upscalers": upscalers,
         "safety": safety,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "upscale_safety.json").write_text(json.dumps(results, indent=2) + "\n")
     return write_report(results, args.report)
+
+
+def run_meta(device: torch.device, settings: Any, started: float, **extra: Any) -> dict[str, Any]:
+    """Where and when a benchmark ran: date, machine, device, torch, commit, its settings and wall time."""
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "device": device.type,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip(),
+        **extra,
+        "settings": asdict(settings),
+        "wall_s": time.perf_counter() - started,
+    }
 
 
 def write_report(results: dict[str, Any], markdown: str | None) -> int:

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 
 import grpc
 import httpx
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -17,31 +16,10 @@ from PIL import Image
 
 from serving.generated.sdserve.v1 import sdserve_pb2 as pb
 from serving.generated.sdserve.v1 import sdserve_pb2_grpc as pb_grpc
+from tests.images import b64, init_png, mask_png
 from tests.integration.conftest import LiveService
 
 pytestmark = pytest.mark.integration
-
-
-def png(array: np.ndarray, mode: str | None = None) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array, mode).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def init_png(width: int = 64, height: int = 64) -> bytes:
-    y, x = np.mgrid[0:height, 0:width]
-    return png(np.stack([x * 3, y * 3, np.full_like(x, 120)], axis=-1).astype(np.uint8))
-
-
-def mask_png(width: int = 64, height: int = 64) -> bytes:
-    """White (repaint) in the middle, black (keep) around it."""
-    mask = np.zeros((height, width), np.uint8)
-    mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
-    return png(mask, "L")
 
 
 @pytest.fixture(scope="module")

@@ -13,31 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.images import b64, init_png, mask_png, png
 from tests.integration.conftest import LiveService
 
 pytestmark = pytest.mark.integration
-
-
-def png(array: np.ndarray, mode: str | None = None) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array, mode).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def init_png(size: int = 64) -> bytes:
-    y, x = np.mgrid[0:size, 0:size]
-    return png(np.stack([x * 3, y * 3, np.full_like(x, 120)], axis=-1).astype(np.uint8))
-
-
-def mask_png(width: int = 64, height: int = 64) -> bytes:
-    """White (repaint) in the middle, black (keep) around it."""
-    mask = np.zeros((height, width), np.uint8)
-    mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
-    return png(mask, "L")
 
 
 def post(live: LiveService, path: str = "/v1/images/generations", **body: object) -> httpx.Response:
