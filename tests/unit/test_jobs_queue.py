@@ -16,6 +16,7 @@ from serving.config import AppConfig, JobsSpec
 from serving.errors import ApiError
 from serving.jobs import JobManager
 from serving.jobstore import JobRecord, JobState, JobStoreFull, MemoryJobStore, open_job_store
+from serving.quotas import Quotas
 from serving.schemas import JobRequest
 from serving.service import GenerationRequest, GenerationResult, OnProgress
 
@@ -34,6 +35,7 @@ class FakeService:
         self.calls: list[str] = []  # prompts, in the order they were sent to the "stages"
         self.in_flight = 0
         self.peak = 0  # most calls in flight at once
+        self.quotas = Quotas(config.quotas)
 
     def prepare(self, body: JobRequest) -> GenerationRequest:
         return GenerationRequest(
@@ -51,7 +53,11 @@ class FakeService:
         )
 
     async def generate(
-        self, req: GenerationRequest, on_progress: OnProgress | None = None, preview: bool = False
+        self,
+        req: GenerationRequest,
+        on_progress: OnProgress | None = None,
+        preview: bool = False,
+        charged: bool = False,
     ) -> GenerationResult:
         self.calls.append(req.prompt)
         if self.refusals > 0:
