@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv tools servers redis protos test lint typecheck unit demo serve k8s bench bench-gpu clean
+.PHONY: venv tools servers redis prometheus protos test lint typecheck unit demo serve k8s bench bench-gpu clean
 
 venv: $(STAMP)
 
@@ -52,6 +52,12 @@ redis:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
 	@redis-server --version
 
+# promtool checks the chart's alert rules; a test starts a real prometheus on a free loopback port that scrapes
+# the running service and evaluates them.
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q prometheus; }
+	@prometheus --version 2>&1 | head -1
+
 # Regenerate the gRPC stubs in serving/generated from protos/ (a test fails when they drift).
 protos: venv
 	$(BIN)/python -m serving.protogen
@@ -66,7 +72,7 @@ typecheck: venv
 unit: venv
 	$(BIN)/pytest tests/unit -q
 
-test: lint typecheck tools servers redis
+test: lint typecheck tools servers redis prometheus
 	$(BIN)/pytest -q
 
 demo: venv
