@@ -17,6 +17,15 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 
 
 @dataclass(frozen=True)
+class AdapterUse:
+    """A LoRA adapter a request applies: its catalog name, the pinned reference to load, the scale."""
+
+    name: str
+    ref: str
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
 class EncodeRequest:
     """Input of the text-encoding stage."""
 
@@ -25,6 +34,7 @@ class EncodeRequest:
     negative_prompt: str | None
     with_negative: bool  # False when classifier-free guidance is off (guidance_scale <= 1)
     ref: str = ""  # pinned model reference to use; empty: the replica's active version of `model`
+    loras: tuple[AdapterUse, ...] = ()  # adapters whose text-encoder layers apply
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,7 @@ class DenoiseParams:
     # With an init image: the share of the schedule that runs (diffusers' img2img / inpaint `strength`:
     # int(steps * strength) steps run, starting from the init latents noised to that point).
     strength: float = 1.0
+    loras: tuple[AdapterUse, ...] = ()  # adapters whose UNet layers apply to this request's rows
 
 
 @dataclass(frozen=True)

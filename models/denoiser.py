@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 
+from models.adapters.slots import UNET_TARGETS, LoraBank, RowAdapters
 from models.contracts import DenoiseParams, ImageLatents, Latents, PromptEmbeddings
-from models.cudagraphs import GraphedUNet, bucket_for
+from models.cudagraphs import ROW_BUCKETS, GraphedUNet, bucket_for
 from models.errors import StageInputError
 from models.schedulers import create_scheduler
 from models.snapshot import ModelSnapshot
@@ -78,6 +79,7 @@ class DenoiseJob:
     guided: bool
     extra_inputs: torch.Tensor | None = None  # channels appended to every UNet row (inpainting UNets)
     blend: MaskBlend | None = None
+    adapters: RowAdapters = ()  # (LoRA slot, scale) pairs every row of this job uses
     index: int = 0
     cancelled: bool = False
 
@@ -111,6 +113,10 @@ class DenoiserStage:
         dtype: torch.dtype,
         cuda_graphs: bool = True,
         warm_up: tuple[int, int, int] | None = None,
+        lora_slots: int = 0,
+        lora_max_rank: int = 64,
+        loras_per_request: int = 4,
+        max_rows: int = 2 * 8,
     ) -> None:
         from diffusers import UNet2DConditionModel
 
@@ -124,6 +130,17 @@ class DenoiserStage:
         self.unet.eval()
         # On CUDA the forward pass is replayed from captured graphs (one per padded batch shape).
         self.graphs = GraphedUNet(self.unet) if cuda_graphs and device.type == "cuda" else None
+        # Per-request LoRA: a fixed set of slots in the UNet's attention / feed-forward layers (models/adapters).
+        # Under graphs the adapter path is always part of the captured pass (rows without adapters read slot 0,
+        # zeros), so one graph serves every mix of adapters.
+        self.loras: LoraBank | None = None
+        if lora_slots:
+            rows = max(max_rows, ROW_BUCKETS[-1]) if self.graphs is not None else max_rows
+            self.loras = LoraBank(
+                self.unet, UNET_TARGETS, lora_slots, lora_max_rank, loras_per_request, rows, component="UNet"
+            )
+            self.loras.rows.always_on = self.graphs is not None
+            self.loras.rows.set([])
         config_file = snapshot.component_dir("scheduler") / "scheduler_config.json"
         self.scheduler_config: dict[str, Any] = json.loads(config_file.read_text())
         self.vae_scale_factor = snapshot.family.vae_scale_factor
@@ -290,6 +307,7 @@ class DenoiserStage:
     def step(self, jobs: list[DenoiseJob]) -> None:
         """Advance every job by one step with a single UNet call. Jobs must share a ``batch_key``."""
         inputs, timesteps, hidden, conds = [], [], [], []
+        rows: list[RowAdapters] = []
         for job in jobs:
             t = job.timesteps[job.index]
             x = torch.cat([job.latents] * 2) if job.guided else job.latents
@@ -297,12 +315,17 @@ class DenoiserStage:
             if job.extra_inputs is not None:
                 x = torch.cat([x, job.extra_inputs], dim=1)
             inputs.append(x)
+            rows += [job.adapters] * x.shape[0]  # the unconditional rows too, as diffusers applies a LoRA
             timesteps.append(t.to(torch.float32).expand(x.shape[0]))
             hidden.append(job.hidden_states)
             if job.timestep_cond is not None:
                 conds.append(job.timestep_cond)
         sample, steps, states = torch.cat(inputs), torch.cat(timesteps), torch.cat(hidden)
         cond = torch.cat(conds) if conds else None
+        if self.loras is not None:
+            self.loras.rows.set(rows)
+        elif any(rows):
+            raise ValueError("adapters need lora_slots")
         if self.graphs is not None:
             noise = self.graphs(sample, steps, states, cond)
         else:
@@ -335,10 +358,15 @@ class DenoiserStage:
         )
 
     def run(
-        self, params: DenoiseParams, embeddings: PromptEmbeddings, image: ImageLatents | Latents | None = None
+        self,
+        params: DenoiseParams,
+        embeddings: PromptEmbeddings,
+        image: ImageLatents | Latents | None = None,
+        adapters: RowAdapters = (),
     ) -> Latents:
-        """Run one request to completion on its own (no batching)."""
+        """Run one request to completion on its own (no batching); ``adapters``: its LoRA slots and scales."""
         job = self.start(params, embeddings, image)
+        job.adapters = adapters
         while not job.done:
             self.step([job])
         return self.result(job)

@@ -219,3 +219,81 @@ def create_test_model(
         child.rename(target / child.name)
     staging.rmdir()
     return target
+
+
+LORA_FORMATS = ("kohya", "diffusers")
+
+
+def create_test_lora(
+    model: str | Path,
+    target: str | Path,
+    lora_format: str = "kohya",
+    rank: int = 4,
+    alpha: float | None = None,
+    text_encoder: bool = True,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> Path:
+    """Write a random LoRA adapter for the model at ``model`` into the folder ``target`` and return the file.
+
+    The file has the real key layout of its format: kohya / A1111 (``lora_unet_<path>.lora_down.weight``,
+    ``.lora_up.weight``, ``.alpha``; ``lora_te_text_model_...`` for the text encoder) or diffusers / PEFT
+    (``unet.<path>.lora_A.weight``, ``text_encoder.text_model.<path>.lora_B.weight``, no alphas: scale 1). It
+    adapts what both formats' trainers adapt: the UNet's attention projections, feed-forward layers and 1x1
+    in / out projections, and CLIP's attention and MLP layers (``text_encoder=False``: the UNet only).
+
+    Args:
+        model: a diffusers-layout model folder (only its configs are read).
+        lora_format: one of ``LORA_FORMATS``.
+        alpha: kohya's network alpha (the delta is scaled by alpha / rank); None: the rank (scale 1).
+        seed: weights are a pure function of (model shapes, format, rank, seed).
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from models.adapters.slots import TEXT_ENCODER_TARGETS, UNET_TARGETS
+
+    if lora_format not in LORA_FORMATS:
+        raise ValueError(f"unknown LoRA format {lora_format!r}; choose from {LORA_FORMATS}")
+    model = Path(model)
+    with torch.device("meta"):  # shapes only: no weights are allocated or read
+        unet: Any = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model / "unet"))
+        clip: Any = CLIPTextModel(CLIPTextConfig.from_pretrained(model / "text_encoder"))
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16}[dtype]
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+
+    def add(kohya_name: str, diffusers_name: str, module: Any) -> None:
+        conv = isinstance(module, torch.nn.Conv2d)
+        fan_in = module.in_channels if conv else module.in_features
+        fan_out = module.out_channels if conv else module.out_features
+        down = torch.randn(rank, fan_in, generator=generator) / fan_in**0.5
+        up = torch.randn(fan_out, rank, generator=generator) / rank**0.5
+        if conv:
+            down, up = down[:, :, None, None], up[:, :, None, None]
+        if lora_format == "kohya":
+            tensors[f"{kohya_name}.lora_down.weight"] = down.to(torch_dtype)
+            tensors[f"{kohya_name}.lora_up.weight"] = up.to(torch_dtype)
+            tensors[f"{kohya_name}.alpha"] = torch.tensor(float(alpha if alpha is not None else rank))
+        else:
+            tensors[f"{diffusers_name}.lora_A.weight"] = down.to(torch_dtype)
+            tensors[f"{diffusers_name}.lora_B.weight"] = up.to(torch_dtype)
+
+    import re
+
+    linear = (torch.nn.Linear, torch.nn.Conv2d)
+    for name, module in unet.named_modules():
+        if re.fullmatch(rf"(.*\.)?{UNET_TARGETS}", name) and isinstance(module, linear):
+            add("lora_unet_" + name.replace(".", "_"), f"unet.{name}", module)
+    if text_encoder:
+        for name, module in clip.named_modules():
+            if re.fullmatch(rf"(.*\.)?{TEXT_ENCODER_TARGETS}", name) and isinstance(module, torch.nn.Linear):
+                path = name if name.startswith("text_model.") else f"text_model.{name}"
+                add("lora_te_" + path.replace(".", "_"), f"text_encoder.{path}", module)
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    out = target / f"{target.name}.safetensors"
+    save_file(tensors, str(out))
+    return out

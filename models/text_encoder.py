@@ -20,6 +20,7 @@ from typing import Any, cast
 
 import torch
 
+from models.adapters.slots import TEXT_ENCODER_TARGETS, LoraBank
 from models.contracts import EncodeRequest, PromptEmbeddings
 from models.errors import PromptTooLongError
 from models.prompt_weights import BREAK_WEIGHT, is_plain, parse_prompt
@@ -27,6 +28,8 @@ from models.snapshot import ModelSnapshot
 
 # A prompt ready to encode: its chunks of 77 token ids, and each token's weight (None: all 1, unweighted).
 Tokens = tuple[list[list[int]], list[list[float]] | None]
+# The text-encoder adapters a text is encoded with: (pinned reference, slot, scale) each; () for none.
+TextAdapters = tuple[tuple[str, int, float], ...]
 
 
 class TextEncoderStage:
@@ -40,6 +43,9 @@ class TextEncoderStage:
         dtype: torch.dtype,
         max_prompt_tokens: int = 225,
         cache_size: int = 1024,
+        lora_slots: int = 0,
+        lora_max_rank: int = 64,
+        loras_per_request: int = 4,
     ) -> None:
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -60,7 +66,16 @@ class TextEncoderStage:
         self.window = self.tokenizer.model_max_length  # 77 for CLIP
         self.hidden_size = self.text_encoder.config.hidden_size
         self.chunk_tokens = self.window - 2  # room for the start and end tokens
-        self._cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()  # (version, text)
+        # Text-encoder LoRAs: a fixed set of slots in CLIP's attention and MLP layers (``models/adapters``); one
+        # forward pass has a text's chunks (BREAK may cut one per token).
+        self.loras: LoraBank | None = None
+        if lora_slots:
+            self.loras = LoraBank(
+                self.text_encoder, TEXT_ENCODER_TARGETS, lora_slots, lora_max_rank, loras_per_request,
+                max_rows=max_prompt_tokens + 1, component="text encoder",
+            )  # fmt: skip
+        # (version, adapters as (reference, scale), parsed text)
+        self._cache: OrderedDict[tuple[str, tuple[tuple[str, float], ...], str], torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self.cache_hits = 0
@@ -121,24 +136,32 @@ class TextEncoderStage:
         return key, self._chunks(ids, weights)
 
     @torch.inference_mode()
-    def _encode_texts(self, texts: dict[str, Tokens]) -> dict[str, torch.Tensor]:
-        """Encode the prompts not in the cache; return key -> hidden states (77 * chunks, dim)."""
-        out: dict[str, torch.Tensor] = {}
-        todo: list[tuple[str, Tokens]] = []
+    def _encode_texts(
+        self, texts: dict[tuple[TextAdapters, str], Tokens]
+    ) -> dict[tuple[TextAdapters, str], torch.Tensor]:
+        """Encode the prompts not in the cache; return (adapters, key) -> hidden states (77 * chunks, dim)."""
+        out: dict[tuple[TextAdapters, str], torch.Tensor] = {}
+        todo: list[tuple[tuple[TextAdapters, str], Tokens]] = []
         with self._lock:
-            for key, tokens in texts.items():
-                cached = self._cache.get((self.version, key))
+            for entry, tokens in texts.items():
+                cache_key = self._cache_key(*entry)
+                cached = self._cache.get(cache_key)
                 if cached is not None:
-                    self._cache.move_to_end((self.version, key))
-                    out[key] = cached
+                    self._cache.move_to_end(cache_key)
+                    out[entry] = cached
                     self.cache_hits += 1
                 else:
-                    todo.append((key, tokens))
+                    todo.append((entry, tokens))
                     self.cache_misses += 1
-        for key, (chunks, weights) in todo:
+        for entry, (chunks, weights) in todo:
             # One forward per text: a text's embedding must not depend on what else shares the batch, or
             # a cache hit and a fresh encode of the same prompt would give different images.
             input_ids = torch.tensor(chunks, dtype=torch.long, device=self.device)
+            adapters = entry[0]
+            if self.loras is not None:
+                self.loras.rows.set([tuple((slot, scale) for _, slot, scale in adapters)] * len(chunks))
+            elif adapters:
+                raise ValueError("text-encoder adapters need lora_slots")
             z = self.text_encoder(input_ids)[0]
             if weights is not None:  # A1111: weight each token, then give each chunk back its mean
                 multipliers = torch.tensor(weights, dtype=z.dtype, device=z.device).unsqueeze(-1)
@@ -146,36 +169,50 @@ class TextEncoderStage:
                 z = z * multipliers
                 z = z * (before / z.mean(dim=(1, 2), keepdim=True))
             emb = z.to("cpu").reshape(-1, self.hidden_size)
-            out[key] = emb
+            out[entry] = emb
             with self._lock:
-                self._cache[(self.version, key)] = emb
+                self._cache[self._cache_key(*entry)] = emb
                 if len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
         return out
+
+    def _cache_key(self, adapters: TextAdapters, key: str) -> tuple[str, tuple[tuple[str, float], ...], str]:
+        # The slot an adapter sits in is where it is, not what it is: the cache keys on its pinned reference.
+        return (self.version, tuple((ref, scale) for ref, _, scale in adapters), key)
 
     def _pad_to(self, emb: torch.Tensor, length: int, empty: torch.Tensor) -> torch.Tensor:
         missing = (length - emb.shape[0]) // self.window
         return torch.cat([emb] + [empty] * missing) if missing else emb
 
-    def encode(self, requests: list[EncodeRequest]) -> list[PromptEmbeddings]:
-        """Encode a batch of requests; prompts shared by several requests are encoded once."""
+    def encode(
+        self, requests: list[EncodeRequest], adapters: list[TextAdapters] | None = None
+    ) -> list[PromptEmbeddings]:
+        """Encode a batch of requests; prompts shared by several requests are encoded once.
+
+        Args:
+            adapters: per request, the text-encoder adapters it is encoded with (slots of ``self.loras``, filled
+                by the caller). Like diffusers, an adapter applies to the negative prompt too.
+        """
+        per_request = adapters if adapters is not None else [()] * len(requests)
         empty_key, empty_tokens = self.tokens("", "prompt")
-        texts: dict[str, Tokens] = {empty_key: empty_tokens}
-        keys: list[tuple[str, str | None]] = []
-        for req in requests:
+        texts: dict[tuple[TextAdapters, str], Tokens] = {}
+        keys: list[tuple[tuple[TextAdapters, str], tuple[TextAdapters, str] | None]] = []
+        for req, used in zip(requests, per_request, strict=True):
+            texts[(used, empty_key)] = empty_tokens
             positive_key, tokens = self.tokens(req.prompt, "prompt")
-            texts[positive_key] = tokens
-            negative_key = None
+            texts[(used, positive_key)] = tokens
+            negative_entry = None
             if req.with_negative:
                 negative_key, tokens = self.tokens(req.negative_prompt or "", "negative_prompt")
-                texts[negative_key] = tokens
-            keys.append((positive_key, negative_key))
+                negative_entry = (used, negative_key)
+                texts[negative_entry] = tokens
+            keys.append(((used, positive_key), negative_entry))
         embedded = self._encode_texts(texts)
-        empty = embedded[empty_key]
         results = []
-        for positive_key, negative_key in keys:
-            positive = embedded[positive_key]
-            negative = embedded[negative_key] if negative_key is not None else None
+        for positive_entry, negative_entry in keys:
+            empty = embedded[(positive_entry[0], empty_key)]
+            positive = embedded[positive_entry]
+            negative = embedded[negative_entry] if negative_entry is not None else None
             length = max(positive.shape[0], negative.shape[0] if negative is not None else 0)
             positive = self._pad_to(positive, length, empty)
             if negative is not None:
