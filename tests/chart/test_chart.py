@@ -30,7 +30,7 @@ from tests.chart.helpers import (
 
 VALUE_SET_IDS = sorted(VALUES_SETS)
 # Kinds from CRDs whose schemas are not available here: checked for shape only.
-SHAPE_ONLY_KINDS = {"ServiceMonitor", "PodMonitor", "HTTPRoute"}
+SHAPE_ONLY_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "HTTPRoute"}
 
 
 @pytest.fixture(scope="module", params=VALUE_SET_IDS)
