@@ -26,3 +26,7 @@ class PromptTooLongError(StageInputError):
 
 class UnknownModelError(StageInputError):
     """The request names a model this replica does not serve (404)."""
+
+
+class AdapterError(StageInputError):
+    """A LoRA adapter that cannot be used (corrupt, unsafe, for another base model, unsupported layers): 422."""

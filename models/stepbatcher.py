@@ -19,6 +19,7 @@ from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
+from models.adapters.slots import RowAdapters
 from models.contracts import DenoiseParams, DenoiseProgress, ImageLatents, Latents, PromptEmbeddings
 from models.denoiser import DenoiseJob, DenoiserStage
 from models.previews import PREVIEW_MEDIA_TYPE, latent_preview
@@ -90,9 +91,11 @@ class StepBatcher:
         on_progress: Callable[[DenoiseProgress], None] | None = None,
         preview: bool = False,
         image: ImageLatents | Latents | None = None,
+        adapters: RowAdapters = (),
     ) -> Latents:
         """Denoise one request among the others; ``on_progress`` hears of each of its steps (on the event loop),
-        with a low-resolution preview when ``preview`` is set; ``image``: the init image's latents, if any.
+        with a low-resolution preview when ``preview`` is set; ``image``: the init image's latents, if any;
+        ``adapters``: the LoRA slots and scales its rows use (the caller holds the slots until this returns).
         Cancelling the caller stops the job before its next step."""
         loop = asyncio.get_running_loop()
         joined_at = self._clock  # the virtual time it arrived at, not the later one its preparation ends at
@@ -100,6 +103,7 @@ class StepBatcher:
         self._starting.add(start)
         try:
             job = await start
+            job.adapters = adapters  # rows with other adapters (or none) still share its UNet calls
             pending = _Pending(job, stage, loop.create_future(), on_progress, preview, vtime=joined_at)
             self._running.append(pending)
         finally:
@@ -120,11 +124,14 @@ class StepBatcher:
         embeddings: PromptEmbeddings,
         preview: bool = False,
         image: ImageLatents | Latents | None = None,
+        adapters: RowAdapters = (),
     ) -> AsyncGenerator[DenoiseProgress | Latents, None]:
         """``submit`` that reports as it goes: a ``DenoiseProgress`` after every step, then the ``Latents``.
         Closing the iterator early drops the job before its next step."""
         progress: asyncio.Queue[DenoiseProgress] = asyncio.Queue()
-        task = asyncio.ensure_future(self.submit(stage, params, embeddings, progress.put_nowait, preview, image))
+        task = asyncio.ensure_future(
+            self.submit(stage, params, embeddings, progress.put_nowait, preview, image, adapters)
+        )
         try:
             while not task.done() or not progress.empty():
                 getter = asyncio.ensure_future(progress.get())

@@ -295,5 +295,7 @@ def create_test_lora(
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     out = target / f"{target.name}.safetensors"
-    save_file(tensors, str(out))
+    partial = out.with_suffix(".partial")
+    save_file(tensors, str(partial))
+    partial.replace(out)  # never a half-written adapter under the real name
     return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from serving import auth, uploads
 from serving.errors import ApiError, content_policy_violation, invalid, validation_error
 from serving.plans import plan_generation
 from serving.resolver import GenerationRequest, InitImage
-from serving.schemas import ImageGenerationRequest, UpscaleRequest
+from serving.schemas import ImageGenerationRequest, LoraRequest, UpscaleRequest
 from serving.service import GenerationResult, GenerationService
 
 MAX_A1111_SEED = 2**32 - 1
@@ -46,6 +47,9 @@ LATENT_UPSCALE_MODES = ("Latent",)  # the hires upscale of the latents served (A
 RESIZE_MODES: dict[int, uploads.ResizeMode] = {0: "resize", 1: "crop", 2: "fill", 3: "resize"}
 # inpainting_fill -> what A1111 calls it in the infotext ("Masked content").
 MASKED_CONTENT = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+# A1111's extra-network syntax in a prompt: <lora:name:weight> (weight optional, 1 by default; a second weight,
+# A1111's separate UNet multiplier, is refused rather than ignored).
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
 # The layers of A1111's "fill" (masking.fill): (blur radius, times composited), from the widest blur down.
 _FILL_LAYERS = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
 
@@ -254,6 +258,12 @@ class A1111Api:
         )
 
     def prepare(self, body: GenerationFields) -> GenerationRequest:
+        """See ``_prepare``; the ``<lora:...>`` tags of the prompt become the request's adapters, and are not
+        encoded (as in A1111)."""
+        prompt, loras = lora_tags(body.prompt)
+        return self._prepare(body, prompt, loras)
+
+    def _prepare(self, body: GenerationFields, prompt: str, loras: list[LoraRequest]) -> GenerationRequest:
         """The native request for the fields txt2img and img2img share, checked by the same resolver as every other
         route; errors name A1111's fields.
 
@@ -268,7 +278,8 @@ class A1111Api:
                 raise invalid(f"{name} {value} is not a multiple of 8", name)
         try:
             native = ImageGenerationRequest(
-                prompt=body.prompt,
+                prompt=prompt,
+                loras=loras or None,
                 negative_prompt=body.negative_prompt or None,
                 model=self._model(body.override_settings),
                 n=body.batch_size,
@@ -589,6 +600,28 @@ def _extras_info(result: GenerationResult) -> str:
     return text
 
 
+def lora_tags(prompt: str) -> tuple[str, list[LoraRequest]]:
+    """A1111's ``<lora:name:weight>`` tags of ``prompt``: the prompt without them, and the adapters they name
+    (other extra networks, e.g. ``<hypernet:...>``, are refused: this service does not serve them)."""
+    loras: list[LoraRequest] = []
+
+    def take(match: re.Match[str]) -> str:
+        kind, args = match.group(1), match.group(2).split(":")
+        if kind != "lora":
+            raise invalid(f"extra network <{kind}:...> is not served; only <lora:name:weight>", "prompt")
+        if len(args) > 2:
+            raise invalid(f"<lora:{match.group(2)}>: a separate UNet weight is not supported", "prompt")
+        try:
+            scale = float(args[1]) if len(args) == 2 else 1.0
+        except ValueError:
+            raise invalid(f"<lora:{match.group(2)}>: the weight must be a number", "prompt") from None
+        loras.append(LoraRequest(name=args[0].strip(), scale=scale))
+        return ""
+
+    stripped = _EXTRA_NETWORK.sub(take, prompt)
+    return (" ".join(stripped.split()) if loras else stripped), loras
+
+
 def _steps_per_image(req: GenerationRequest) -> int:
     """Denoising steps one image of ``req`` runs over all its passes, as /sdapi/v1/progress counts them."""
     return plan_generation(req).total_steps
@@ -610,16 +643,18 @@ def _info(
     tail: dict[str, Any] = {"Size": f"{req.width}x{req.height}", "Model": req.model}
     if strength is not None:
         tail["Denoising strength"] = f"{strength:g}"
+    if req.loras:  # A1111 writes each adapter's short hash; the pinned reference says exactly which file it was
+        tail["Lora hashes"] = json.dumps(", ".join(f"{a.name}: {a.ref}" for a in req.loras))
     tail |= {**infotext, "Version": "sdserve"}
     settings = ", ".join(f"{key}: {value}" for key, value in tail.items())
     infotexts = [
-        f"{req.prompt}\nNegative prompt: {req.negative_prompt or ''}\nSteps: {req.steps}, Sampler: {label}, "
+        f"{body.prompt}\nNegative prompt: {req.negative_prompt or ''}\nSteps: {req.steps}, Sampler: {label}, "
         f"CFG scale: {req.guidance_scale:g}, Seed: {seed}, {settings}"
         for seed in seeds
     ]
     return {
-        "prompt": req.prompt,
-        "all_prompts": [req.prompt] * len(seeds),
+        "prompt": body.prompt,
+        "all_prompts": [body.prompt] * len(seeds),
         "negative_prompt": body.negative_prompt,
         "all_negative_prompts": [body.negative_prompt] * len(seeds),
         "seed": seeds[0] if seeds else req.seed,
@@ -720,6 +755,19 @@ def create_router(api: A1111Api) -> APIRouter:
         """The style presets, as A1111 lists its styles (`{prompt}` marks where the prompt goes)."""
         presets = api.service.resolver.presets.all().values()
         return [{"name": p.name, "prompt": p.prompt, "negative_prompt": p.negative_prompt or ""} for p in presets]
+
+    @router.get("/loras")
+    async def loras() -> list[dict[str, Any]]:
+        """The adapters prompts may name with `<lora:name:weight>`, as A1111 lists its LoRA files."""
+        return [
+            {"name": a["name"], "alias": a["name"], "path": a["ref"] or a["source"], "metadata": {}}
+            for a in api.service.models.describe_adapters()
+        ]
+
+    @router.post("/refresh-loras")
+    async def refresh_loras() -> None:
+        """Pin every adapter's reference again (a hub branch that moved serves its new commit)."""
+        await api.service.rollout.pin_adapters()
 
     @router.get("/latent-upscale-modes")
     async def latent_upscale_modes() -> list[dict[str, Any]]:

@@ -37,6 +37,8 @@ from serving.schemas import (
     JobProgress,
     JobRequest,
     JobResponse,
+    LoraCard,
+    LoraList,
     ModelCard,
     ModelList,
 )
@@ -386,6 +388,12 @@ def create_api(
             "object": "list",
             "data": [{"id": u.name, "description": u.description, "ref": u.source} for u in upscalers.values()],
         }
+
+    @app.get("/v1/loras", response_model=LoraList)
+    async def list_loras() -> LoraList:
+        """LoRA adapters requests may name in `loras` (or A1111's `<lora:name:weight>`), with the pinned
+        reference each request loads."""
+        return LoraList(data=[LoraCard(**a) for a in service.models.describe_adapters()])
 
     @app.get("/v1/styles")
     async def list_styles() -> dict[str, Any]:

@@ -65,6 +65,7 @@ class ModelCatalog(_Strict):
     safety_checkers: list[ArtifactSpec] = Field(
         default_factory=list, description="Safety checkers; the first checks images when the safety check is on."
     )
+    loras: list[ArtifactSpec] = Field(default_factory=list, description="LoRA adapters requests may name (`loras`).")
 
     @model_validator(mode="after")
     def _unique(self) -> ModelCatalog:
@@ -216,6 +217,31 @@ class UpscalerSpec(StageSpec):
         return self
 
 
+class LoraSpec(_Strict):
+    """Per-request LoRA adapters (the catalog's `loras`), applied by the text encoder and the denoiser."""
+
+    slots: int = Field(
+        default=8,
+        ge=0,
+        le=256,
+        description="Adapters each text-encoder and denoiser replica holds on its device at once, in static buffers "
+        "of max_rank (rows of one UNet call each use their own); beyond that the least recently used idle adapter "
+        "is replaced. 0: no adapter support (and no adapter cost).",
+    )
+    max_rank: int = Field(default=64, ge=1, le=1024, description="Largest adapter rank accepted; sizes the slots.")
+    host_cache_mb: int = Field(
+        default=2048, ge=1, description="Converted adapters kept in each replica's host memory, in MiB (an LRU)."
+    )
+    min_scale: float = Field(default=-2.0, description="Smallest scale a request may give an adapter.")
+    max_scale: float = Field(default=2.0, description="Largest scale a request may give an adapter.")
+
+    @model_validator(mode="after")
+    def _range(self) -> LoraSpec:
+        if self.min_scale > self.max_scale:
+            raise ValueError("lora.min_scale must not exceed lora.max_scale")
+        return self
+
+
 SafetyMode = Literal["off", "flag", "block"]
 SAFETY_STRICTNESS: dict[str, int] = {"off": 0, "flag": 1, "block": 2}
 
@@ -286,6 +312,7 @@ class LimitsSpec(_Strict):
         ge=1024,
         description="Largest HTTP request body in bytes; a larger one is refused with 413 before it is read whole.",
     )
+    max_loras: int = Field(default=4, ge=0, le=16, description="Most LoRA adapters one request may combine.")
 
 
 class DefaultsSpec(_Strict):
@@ -440,6 +467,11 @@ class PresetUpscale(_Strict):
     factor: float = Field(default=2.0, description="Upscale factor.")
 
 
+class PresetLora(_Strict):
+    name: str = Field(description="Adapter name from the catalog's `loras`.")
+    scale: float = Field(default=1.0, description="Adapter scale.")
+
+
 class PresetSpec(_Strict):
     """A style preset: what a request naming it (`style`) gets unless it says otherwise. Every field but `name`
     is optional; request fields override preset fields."""
@@ -459,6 +491,9 @@ class PresetSpec(_Strict):
     guidance_scale: float | None = Field(default=None, ge=0, description="Default guidance scale.")
     scheduler: str | None = Field(default=None, description="Default scheduler.")
     upscale: PresetUpscale | None = Field(default=None, description="Upscale the images.")
+    loras: list[PresetLora] | None = Field(
+        default=None, description="LoRA adapters to apply (a request's own `loras` replace them)."
+    )
 
     @model_validator(mode="after")
     def _known_scheduler(self) -> PresetSpec:
@@ -512,6 +547,12 @@ class AppConfig(_Strict):
         "safety stage is deployed.",
     )
     safety: SafetySpec = Field(default_factory=SafetySpec, description="Safety check.")
+    loras: list[ArtifactSpec] = Field(
+        default_factory=list,
+        description="LoRA adapters (one safetensors file each, kohya / A1111 or diffusers format) requests may name "
+        "in `loras` or A1111's `<lora:name:weight>`.",
+    )
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="Per-request LoRA adapters.")
     limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Request limits.")
     defaults: DefaultsSpec = Field(default_factory=DefaultsSpec, description="Request defaults.")
     outputs: OutputSpec = Field(default_factory=OutputSpec, description="Storage for url responses.")

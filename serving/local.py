@@ -64,7 +64,7 @@ def ensure_default_model(config: AppConfig) -> AppConfig:
     safety checker when ``safety.mode`` is on without one (so that one setting turns the check on). With real
     models nothing is added (a safety mode without a checker is an error there)."""
     from models.safety import create_test_safety_checker
-    from models.testmodels import TEST_MODEL_SIZES, create_test_model
+    from models.testmodels import TEST_MODEL_SIZES, create_test_lora, create_test_model
     from models.upscaler import create_test_upscaler
 
     data = config.model_dump()
@@ -91,6 +91,20 @@ def ensure_default_model(config: AppConfig) -> AppConfig:
             ),
         ]
         data["defaults"]["size"] = f"{resolution}x{resolution}"
+        if not config.loras:
+            # One adapter in each format people have, random weights in the real layouts (UNet + text encoder).
+            loras = []
+            for lora_format, alpha in (("kohya", 2.0), ("diffusers", None)):
+                folder = root / f"lora-{lora_format}-tiny"
+                if not any(folder.glob("*.safetensors")):
+                    create_test_lora(path, folder, lora_format, rank=4, alpha=alpha, seed=1)
+                loras.append(
+                    ArtifactSpec(
+                        name=f"test-{lora_format}", source=str(folder), description=f"tiny random {lora_format} LoRA"
+                    )
+                )
+            data["loras"] = loras
+            logger.warning("no LoRA configured: serving random-weight test adapters test-kohya and test-diffusers")
     if config.models and config.safety.mode != "off" and not config.safety_checkers:
         # Real models with a safety mode but no checker: fail, rather than check with a random one.
         raise ValueError(f"safety.mode is {config.safety.mode} but safety_checkers is empty; add a checker")

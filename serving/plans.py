@@ -105,7 +105,7 @@ def _finish(calls: list[StageCall], req: GenerationRequest, input: Any = None) -
 
 def _encode(req: GenerationRequest) -> EncodeRequest:
     return EncodeRequest(
-        req.model, req.prompt, req.negative_prompt, with_negative=req.guidance_scale > 1.0, ref=req.ref
+        req.model, req.prompt, req.negative_prompt, with_negative=req.guidance_scale > 1.0, ref=req.ref, loras=req.loras
     )
 
 
@@ -121,6 +121,7 @@ def _denoise(req: GenerationRequest, width: int, height: int, steps: int, streng
         num_images=req.num_images,
         ref=req.ref,
         strength=strength,
+        loras=req.loras,
     )
 
 

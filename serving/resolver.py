@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from models.contracts import OutputFormat, SafetyParams, UpscaleParams
+from models.contracts import AdapterUse, OutputFormat, SafetyParams, UpscaleParams
 from serving import uploads
 from serving.config import SAFETY_STRICTNESS, AppConfig, SafetyMode
 from serving.errors import ApiError, invalid
 from serving.outputs import IMAGE_ID_PATTERN
-from serving.schemas import ImageGenerationRequest, UpscaleRequest
+from serving.schemas import ImageGenerationRequest, LoraRequest, UpscaleRequest
+from serving.stages import ADAPTER_CATALOG
 
 if TYPE_CHECKING:
     from serving.rollout import ModelCatalogState
@@ -84,6 +85,7 @@ class GenerationRequest:
     init: InitImage | None = None  # image to image / inpainting
     hires: HiresFix | None = None
     styles: tuple[str, ...] = ()  # the style presets applied (already folded into the fields above)
+    loras: tuple[AdapterUse, ...] = ()  # LoRA adapters, each with the pinned reference the stages load
 
 
 class RequestResolver:
@@ -180,7 +182,35 @@ class RequestResolver:
             ref=ref,
             init=init,
             styles=names,
+            loras=self.adapters(req.loras or []),
         )
+
+    def adapters(self, asked: list[LoraRequest], param: str = "loras") -> tuple[AdapterUse, ...]:
+        """The adapters a request names, checked against the catalog (404 ``lora_not_found``) and the limits."""
+        limits, spec = self.config.limits, self.config.lora
+        if len(asked) > limits.max_loras:
+            raise invalid(f"at most {limits.max_loras} LoRA adapters per request (limits.max_loras)", param)
+        catalog = self.models.artifacts.get(ADAPTER_CATALOG, {})
+        uses: dict[str, AdapterUse] = {}
+        for i, lora in enumerate(asked):
+            if lora.name not in catalog:
+                raise ApiError(
+                    404, "lora_not_found", f"LoRA {lora.name!r} is not served; see GET /v1/loras", f"{param}[{i}].name"
+                )
+            if not (math.isfinite(lora.scale) and spec.min_scale <= lora.scale <= spec.max_scale):
+                raise invalid(
+                    f"LoRA scale {lora.scale:g} is outside {spec.min_scale:g} to {spec.max_scale:g} "
+                    "(lora.min_scale, lora.max_scale)",
+                    f"{param}[{i}].scale",
+                )
+            if lora.name in uses:
+                raise invalid(f"LoRA {lora.name!r} is named twice", f"{param}[{i}].name")
+            ref = self.models.adapters.get(lora.name)
+            if ref is None:
+                error = self.models.adapter_errors.get(lora.name, "not pinned yet")
+                raise ApiError(503, "lora_unavailable", f"LoRA {lora.name!r} cannot be loaded: {error}", param)
+            uses[lora.name] = AdapterUse(lora.name, ref, lora.scale)
+        return tuple(uses.values())
 
     def apply_styles(self, req: ImageGenerationRequest, names: tuple[str, ...], param: str) -> ImageGenerationRequest:
         """``req`` with the presets ``names`` applied in order: each wraps the prompt in its template and fills
@@ -204,6 +234,8 @@ class RequestResolver:
                     update[field] = getattr(spec, field)
             if req.upscale is None and spec.upscale is not None:
                 update["upscale"] = UpscaleRequest(model=spec.upscale.model, factor=spec.upscale.factor)
+            if req.loras is None and spec.loras is not None:
+                update["loras"] = [LoraRequest(name=lora.name, scale=lora.scale) for lora in spec.loras]
             req = req.model_copy(update=update)
         return req
 

@@ -22,6 +22,7 @@ from ray.exceptions import RayTaskError
 
 from serving.config import ArtifactSpec, ModelCatalog, ModelSpec
 from serving.runner import StageClient
+from serving.stages import ADAPTER_CATALOG
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,22 @@ class ModelCatalogState:
     errors: dict[str, str] = field(default_factory=dict)  # name -> why the configured reference is not served
     artifacts: dict[str, dict[str, ArtifactSpec]] = field(default_factory=dict)  # section -> name -> spec
     rollout: asyncio.Task[None] | None = None
+    # LoRA adapters: name -> pinned reference requests load (a hub branch pinned to its commit when the catalog
+    # is applied, and again on refresh), or name -> why it could not be pinned.
+    adapters: dict[str, str] = field(default_factory=dict)
+    adapter_errors: dict[str, str] = field(default_factory=dict)
+
+    def describe_adapters(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": name,
+                "source": spec.source,
+                "ref": self.adapters.get(name),
+                "description": spec.description,
+                "error": self.adapter_errors.get(name),
+            }
+            for name, spec in self.artifacts.get(ADAPTER_CATALOG, {}).items()
+        ]
 
     def describe(self) -> dict[str, dict[str, Any]]:
         return {
@@ -74,6 +91,7 @@ class ModelRollout:
         for bookkeeping in (state.active, state.configured, state.versions, state.errors):
             for name in [n for n in bookkeeping if n not in state.specs]:
                 del bookkeeping[name]  # a model removed and added back later is rolled out afresh
+        await self.pin_adapters()
         changed = [m for m in catalog.models if state.configured.get(m.name) != m.source]
         if initial:
             await asyncio.gather(*(self._roll_out(m, prepare=False) for m in changed))
@@ -81,6 +99,26 @@ class ModelRollout:
             if state.rollout is not None and not state.rollout.done():
                 state.rollout.cancel()
             state.rollout = asyncio.get_running_loop().create_task(self._roll_out_all(changed))
+
+    async def pin_adapters(self) -> None:
+        """Pin every adapter's reference (A1111's refresh-loras does it again): requests name the pinned one, so
+        the text encoder and the denoiser load the same version and the response can say which. One that cannot
+        be pinned keeps its previous pin, if any, and is reported."""
+        state = self.state
+        specs = state.artifacts.get(ADAPTER_CATALOG, {})
+
+        async def pin(spec: ArtifactSpec) -> None:
+            try:
+                state.adapters[spec.name] = str(await asyncio.to_thread(self.snapshots.pin, spec.source))
+                state.adapter_errors.pop(spec.name, None)
+            except Exception as exc:
+                state.adapter_errors[spec.name] = f"{type(exc).__name__}: {exc}"[:1000]
+                logger.error("adapter %s: %s cannot be pinned: %s", spec.name, spec.source, exc)
+
+        for bookkeeping in (state.adapters, state.adapter_errors):
+            for name in [n for n in bookkeeping if n not in specs]:
+                del bookkeeping[name]
+        await asyncio.gather(*(pin(spec) for spec in specs.values()))
 
     async def _roll_out_all(self, models: list[ModelSpec]) -> None:
         await asyncio.gather(*(self._roll_out(m, prepare=True) for m in models))

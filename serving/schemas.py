@@ -28,6 +28,15 @@ class UpscaleRequest(BaseModel):
     )
 
 
+class LoraRequest(BaseModel):
+    """One LoRA adapter a request applies."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(description="Adapter name from GET /v1/loras.")
+    scale: float = Field(default=1.0, description="How strongly it applies (within lora.min_scale-lora.max_scale).")
+
+
 class ImageGenerationRequest(BaseModel):
     """``POST /v1/images/generations`` (OpenAI Images API, with Stable Diffusion extensions)."""
 
@@ -91,6 +100,11 @@ class ImageGenerationRequest(BaseModel):
         description="Safety check for this request; unset: the service's safety.mode. A less strict mode than the "
         "service's is refused unless the operator allows it.",
     )
+    loras: list[LoraRequest] | None = Field(
+        default=None,
+        description="LoRA adapters to apply, each with a scale (at most limits.max_loras); requests with different "
+        'adapters share UNet calls. With the OpenAI SDK: `extra_body={"loras": [...]}`.',
+    )
 
     @field_validator("size")
     @classmethod
@@ -140,6 +154,12 @@ class HiresSettings(BaseModel):
     upscaler: str = Field(description="`latent`, or the upscaler that enlarged the first pass.")
 
 
+class LoraSettings(BaseModel):
+    name: str
+    scale: float
+    ref: str = Field(description="The pinned reference of the adapter version that was applied.")
+
+
 class GenerationSettings(BaseModel):
     """What a Stable Diffusion user needs to reproduce a result (shared by image and job responses)."""
 
@@ -158,6 +178,7 @@ class GenerationSettings(BaseModel):
     inpainting: bool | None = Field(default=None, description="With an init image: whether a mask was applied.")
     hires: HiresSettings | None = None
     styles: list[str] | None = Field(default=None, description="The style presets applied, in order.")
+    loras: list[LoraSettings] | None = Field(default=None, description="The LoRA adapters applied.")
 
 
 class ImageGenerationResponse(GenerationSettings):
@@ -177,6 +198,19 @@ class ModelCard(BaseModel):
     serving: str | None = Field(default=None, description="The pinned reference new requests run on.")
     version: str | None = Field(default=None, description="Content id of the served version, once known.")
     error: str | None = Field(default=None, description="Why the configured reference is not (yet) served.")
+
+
+class LoraCard(BaseModel):
+    name: str
+    source: str = Field(description="The adapter reference as configured.")
+    ref: str | None = Field(default=None, description="The pinned reference requests load.")
+    description: str = ""
+    error: str | None = Field(default=None, description="Why the reference could not be pinned.")
+
+
+class LoraList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[LoraCard]
 
 
 class ModelList(BaseModel):

@@ -18,7 +18,7 @@ from typing import Any
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 
 from models.contracts import EncodedImages, Pixels
-from models.errors import StageInputError, UnknownModelError
+from models.errors import AdapterError, StageInputError, UnknownModelError
 from models.registry.errors import RegistryError
 from serving import audit, auth
 from serving.audit import AuditLog
@@ -72,6 +72,7 @@ class GenerationResult:
             "timings_ms": self.timings_ms,
             "upscale": {"model": up.upscaler, "factor": up.factor} if up else None,
             "styles": list(req.styles) or None,
+            "loras": [{"name": a.name, "scale": a.scale, "ref": a.ref} for a in req.loras] or None,
             "strength": req.init.strength if req.init else None,
             "inpainting": req.init.mask is not None if req.init else None,
             "hires": (
@@ -176,6 +177,7 @@ class GenerationService:
             steps=req.steps,
             images=len(images.images) - sum(images.withheld),
             styles=list(req.styles) or None,
+            loras=[f"{a.name}:{a.scale:g}" for a in req.loras] or None,
         )
         logger.info(
             "generated model=%s plan=%s steps=%d size=%dx%d n=%d user=%s in %.0f ms",
@@ -200,6 +202,8 @@ class GenerationService:
             return exc
         if isinstance(exc, UnknownModelError):
             return ApiError(404, "model_not_found", exc.message, exc.param)
+        if isinstance(exc, AdapterError):
+            return ApiError(422, "lora_invalid", exc.message, exc.param)
         if isinstance(exc, StageInputError):
             return invalid(exc.message, exc.param)
         if isinstance(exc, RegistryError):

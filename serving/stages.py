@@ -118,8 +118,14 @@ STAGES: dict[str, Stage] = {
     )
 }
 
+# Adapters are not a stage's own artifact: the ingress resolves their names to pinned references, and the text
+# encoder and the denoiser load what a request names (``models/adapters``).
+ADAPTER_CATALOG = "loras"
 # Catalog sections a deployment's `user_config` carries (each stage reads its own).
-CATALOG_SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(stage.catalog for stage in STAGES.values()))
+CATALOG_SECTIONS: tuple[str, ...] = (
+    *dict.fromkeys(stage.catalog for stage in STAGES.values()),
+    ADAPTER_CATALOG,
+)
 
 
 def deployed_stages(config: AppConfig) -> list[Stage]:

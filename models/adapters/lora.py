@@ -21,16 +21,12 @@ from typing import Any
 
 import torch
 
-from models.errors import StageInputError
+from models.errors import AdapterError
 
 LORA_SUFFIX = ".safetensors"
 _KOHYA_PREFIXES = ("lora_te_", "lora_unet_", "lora_te1_", "lora_te2_")
 # CLIP-G's hidden size and SDXL's cross-attention width: an adapter with these shapes is for SDXL.
 _SDXL_CROSS_ATTENTION = 2048
-
-
-class AdapterError(StageInputError):
-    """An adapter file that cannot be used (corrupt, unsafe, another base model, unsupported layers): 422."""
 
 
 @dataclass(frozen=True)

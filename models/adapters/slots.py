@@ -208,6 +208,19 @@ class LoraBank:
         self.users[slot] = self.users.get(slot, 0) + 1
         return slot
 
+    def acquire_all(self, adapters: list[tuple[str, dict[str, LoraLayer]]]) -> list[int]:
+        """``acquire`` each of a request's adapters, or none: a request never holds some slots while it waits for
+        the others (two requests doing that could wait on each other forever)."""
+        taken: list[int] = []
+        try:
+            for key, layers in adapters:
+                taken.append(self.acquire(key, layers))
+        except BaseException:
+            for slot in taken:
+                self.release(slot)
+            raise
+        return taken
+
     def release(self, slot: int) -> None:
         left = self.users.get(slot, 0) - 1
         if left > 0:

@@ -8,7 +8,10 @@ from ray import serve
 
 from models.contracts import EncodeRequest, PromptEmbeddings
 from serving.config import AppConfig
+from serving.deployments.adapters import adapter_support, lora_options
 from serving.deployments.common import StageReplica
+
+TextAdapters = tuple[tuple[str, int, float], ...]  # (pinned reference, slot, scale), as the stage takes them
 
 
 @serve.deployment(name="TextEncoder")
@@ -21,27 +24,41 @@ class TextEncoderDeployment(StageReplica):
         spec = self.config.text_encoder
         batcher.set_max_batch_size(spec.max_batch_size)
         batcher.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
+        self.adapters = adapter_support(self, "text_encoder")
 
     @staticmethod
     def stage_options(config: AppConfig) -> dict[str, Any]:
-        return {"max_prompt_tokens": config.limits.max_prompt_tokens, "cache_size": config.text_encoder.cache_size}
+        return {
+            "max_prompt_tokens": config.limits.max_prompt_tokens,
+            "cache_size": config.text_encoder.cache_size,
+            **lora_options(config),
+        }
 
-    def _encode_all(self, requests: list[EncodeRequest]) -> list[PromptEmbeddings | Exception]:
+    def _encode_all(self, items: list[tuple[EncodeRequest, TextAdapters]]) -> list[PromptEmbeddings | Exception]:
         # One bad request (unknown model, prompt too long) must not fail the others in its batch.
         results: list[PromptEmbeddings | Exception] = []
-        for req in requests:
+        for req, adapters in items:
             try:
-                results.append(self.runtime.get(req.model, req.ref).encode([req])[0])
+                results.append(self.runtime.get(req.model, req.ref).encode([req], [adapters])[0])
             except Exception as exc:
                 results.append(exc)
         return results
 
     @serve.batch  # size and wait come from the stage's config, set in __init__
-    async def _batch(self, requests: list[EncodeRequest]) -> list[PromptEmbeddings | Exception]:
-        results: list[PromptEmbeddings | Exception] = await self.run_batch(self._encode_all, requests)
+    async def _batch(self, items: list[tuple[EncodeRequest, TextAdapters]]) -> list[PromptEmbeddings | Exception]:
+        results: list[PromptEmbeddings | Exception] = await self.run_batch(self._encode_all, items)
         return results
 
     async def encode(self, request: EncodeRequest) -> PromptEmbeddings:
         request = self.pinned(request, await self.resolve(request.model, request.ref))
-        result: PromptEmbeddings = await self.submit_to_batch(self._batch, request)
+        stage = self.runtime.get(request.model, request.ref)
+        # The text-encoder layers of the request's adapters, in slots while it is encoded (a cached embedding
+        # is keyed by them, so a hit costs no slot copy beyond the first).
+        async with self.adapters.slots(stage, request.loras) as slots:
+            result: PromptEmbeddings = await self.submit_to_batch(self._batch, (request, tuple(slots)))
         return result
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        info["loras"] = self.adapters.describe(dict(self.runtime.loaded))
+        return info

@@ -24,6 +24,7 @@ class LiveService:
     grpc_target: str  # host:port of Serve's gRPC proxy
     upscaler_dir: Path
     checker_dir: Path
+    lora_files: dict[str, Path]  # catalog name -> adapter file
 
     def client(self, timeout: float = 120.0) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout)
@@ -87,7 +88,15 @@ def live(
     from models.upscaler import create_test_upscaler
     from serving.local import free_port, local_ray_env, start_local, stop_local
 
+    from models.testmodels import create_test_lora
+
     upscaler_dir = create_test_upscaler(tmp_path_factory.mktemp("upscaler") / "x4", seed=0)
+    lora_root = tmp_path_factory.mktemp("loras")
+    lora_files = {
+        "ink": create_test_lora(tiny_model_dir, lora_root / "ink", "kohya", rank=4, alpha=2.0, seed=1),
+        "paper": create_test_lora(tiny_model_dir, lora_root / "paper", "diffusers", rank=4, seed=2),
+        "grain": create_test_lora(tiny_model_dir, lora_root / "grain", "kohya", 8, None, text_encoder=False, seed=3),
+    }
     flag, clear = flagged_images(tiny_model_dir)
     checker_dir = create_test_safety_checker(
         tmp_path_factory.mktemp("checker") / "c", flag_images=flag, clear_images=clear
@@ -99,6 +108,7 @@ def live(
         upscaler={"torch_threads": 1},
         safety_checkers=[{"name": "checker", "source": str(checker_dir)}],
         safety={"mode": "flag", "torch_threads": 1},
+        loras=[{"name": name, "source": str(path.parent)} for name, path in lora_files.items()],
     )
     # Replicas reach the registry servers the way they would in a cluster: through the client libraries'
     # environment, which Ray workers inherit from this process.
@@ -123,6 +133,7 @@ def live(
             grpc_target=f"127.0.0.1:{grpc_port}",
             upscaler_dir=upscaler_dir,
             checker_dir=checker_dir,
+            lora_files=lora_files,
         )
     finally:
         stop_local()

@@ -1,0 +1,112 @@
+"""A stage replica's LoRA adapters: loaded off the compute thread, copied into device slots between forward passes.
+
+The text encoder and the denoiser each hold a ``LoraBank`` per loaded model (its slots) and share this logic: a
+request names its adapters by pinned reference (``AdapterUse``); the files are fetched, verified and converted on a
+worker thread (``AdapterStore``, host memory), so a cold adapter never holds up the running batch; then the
+request's adapters are copied into free slots on the compute thread, all at once or not at all, and the request
+waits while every slot is in use by running requests. Slots are released when the request leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from models.contracts import AdapterUse
+from models.errors import AdapterError, StageInputError
+from serving.config import AppConfig
+from serving.env import SDSERVE_HOME
+
+if TYPE_CHECKING:
+    from models.adapters import AdapterStore, LoadedAdapter
+
+
+class ReplicaAdapters:
+    """Adapters of one replica (``component``: ``unet`` or ``text_encoder``, the layers this stage applies)."""
+
+    def __init__(self, store: AdapterStore, component: str, run_compute: Any) -> None:
+        self.store = store
+        self.component = component
+        self.run_compute = run_compute
+        self._loading: dict[str, asyncio.Future[LoadedAdapter]] = {}
+        self._freed = asyncio.Condition()
+
+    async def load(self, ref: str) -> LoadedAdapter:
+        """The converted adapter at ``ref``; concurrent requests for one reference share a load."""
+        cached = self.store.cached(ref)
+        if cached is not None:
+            return cached
+        future = self._loading.get(ref)
+        if future is None:
+            future = asyncio.ensure_future(asyncio.to_thread(self.store.load, ref))
+            self._loading[ref] = future
+            future.add_done_callback(lambda _: self._loading.pop(ref, None))
+        return await asyncio.shield(future)
+
+    @contextlib.asynccontextmanager
+    async def slots(self, stage: Any, uses: tuple[AdapterUse, ...]) -> AsyncIterator[list[tuple[str, int, float]]]:
+        """Hold device slots for ``uses`` on ``stage`` (its ``loras`` bank) while the block runs; yields
+        (pinned reference, slot, scale) for each adapter that has layers in this stage's component."""
+        if not uses:
+            yield []
+            return
+        bank = stage.loras
+        if bank is None:
+            raise StageInputError("this service holds no LoRA slots (lora.slots is 0); leave out `loras`", "loras")
+        loaded = await asyncio.gather(*(self.load(use.ref) for use in uses))
+        family = stage.snapshot.family.name
+        wanted: list[tuple[AdapterUse, dict[str, Any]]] = []
+        for use, adapter in zip(uses, loaded, strict=True):
+            if adapter.weights.family != family:
+                raise AdapterError(
+                    f"LoRA {use.name!r} is for {adapter.weights.family} models; {stage.name!r} is {family}", "loras"
+                )
+            layers = getattr(adapter.weights, self.component)
+            if layers:
+                wanted.append((use, layers))
+        if not wanted:
+            yield []
+            return
+        taken = await self._acquire(bank, [(use.ref, layers) for use, layers in wanted])
+        try:
+            yield [(use.ref, slot, use.scale) for (use, _), slot in zip(wanted, taken, strict=True)]
+        finally:
+            await asyncio.shield(self._release(bank, taken))
+
+    async def _acquire(self, bank: Any, adapters: list[tuple[str, dict[str, Any]]]) -> list[int]:
+        from models.adapters import SlotsBusy
+
+        while True:
+            async with self._freed:
+                try:
+                    taken: list[int] = await self.run_compute(bank.acquire_all, adapters)
+                    return taken
+                except SlotsBusy:
+                    await self._freed.wait()  # a request releasing its slots wakes us (the deadline bounds this)
+
+    async def _release(self, bank: Any, slots: list[int]) -> None:
+        for slot in slots:  # on the compute thread too: the bank is not thread-safe
+            await self.run_compute(bank.release, slot)
+        async with self._freed:
+            self._freed.notify_all()
+
+    def describe(self, stages: dict[str, Any]) -> dict[str, Any]:
+        """Host-memory adapters, and the slots of each loaded model version (pinned reference -> slots)."""
+        banks = {ref: stage.loras.describe() for ref, stage in stages.items() if getattr(stage, "loras", None)}
+        return {**self.store.describe(), "slots": banks}
+
+
+def lora_options(config: AppConfig) -> dict[str, Any]:
+    """The LoRA keyword arguments of the text-encoder and denoiser stage constructors."""
+    spec = config.lora
+    return {"lora_slots": spec.slots, "lora_max_rank": spec.max_rank, "loras_per_request": config.limits.max_loras}
+
+
+def adapter_support(replica: Any, component: str) -> ReplicaAdapters:
+    """The adapters of a text-encoder or denoiser replica (reads through the replica's snapshot cache)."""
+    from models.adapters import AdapterStore
+
+    store = AdapterStore(replica.config.snapshot_cache(SDSERVE_HOME), replica.config.lora.host_cache_mb * 2**20)
+    return ReplicaAdapters(store, component, replica.run_compute)
