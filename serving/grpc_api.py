@@ -46,6 +46,9 @@ STATUS_BY_CODE: dict[str, grpc.StatusCode] = {
     # A failed job's error reaches GenerateStream without its HTTP status: these say what it was.
     "content_policy_violation": grpc.StatusCode.INVALID_ARGUMENT,
     "upscaler_not_found": grpc.StatusCode.NOT_FOUND,
+    "lora_not_found": grpc.StatusCode.NOT_FOUND,
+    "lora_invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "lora_unavailable": grpc.StatusCode.UNAVAILABLE,
     "model_unavailable": grpc.StatusCode.UNAVAILABLE,
 }
 STATUS_BY_HTTP: dict[int, grpc.StatusCode] = {
@@ -98,6 +101,10 @@ def to_request(msg: pb.GenerateRequest, *, embed_images: bool = False) -> JobReq
         fields["upscale"] = {n: getattr(msg.upscale, n) for n in ("model", "factor") if msg.upscale.HasField(n)}
     if msg.HasField("safety"):
         fields["safety"] = msg.safety
+    if msg.loras:
+        fields["loras"] = [
+            {"name": lora.name, **({"scale": lora.scale} if lora.HasField("scale") else {})} for lora in msg.loras
+        ]
     if embed_images:
         for name, data in zip(("init_image", "mask"), uploads(msg), strict=True):
             if data is not None:
@@ -230,6 +237,7 @@ def _response(images: list[tuple[bytes, str, bool | None]], settings: dict[str, 
         upscale=pb.Upscale(model=upscale["model"], factor=upscale["factor"]) if upscale else None,
         strength=settings.get("strength"),
         inpainting=settings.get("inpainting"),
+        loras=[pb.Lora(name=a["name"], scale=a["scale"], ref=a["ref"]) for a in settings.get("loras") or []],
     )
 
 

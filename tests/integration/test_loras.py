@@ -101,3 +101,24 @@ def test_bad_adapters_are_refused(
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert (error["code"], error["param"]) == (code, param)
+
+
+def test_grpc_generate_with_adapters(live: LiveService) -> None:
+    import grpc
+
+    from serving.generated.sdserve.v1 import sdserve_pb2 as pb
+    from serving.generated.sdserve.v1 import sdserve_pb2_grpc as pb_grpc
+
+    native = generate(live, prompt="a glass bird", loras=[{"name": "paper", "scale": 0.9}])
+    request = pb.GenerateRequest(prompt="a glass bird", seed=99, loras=[pb.Lora(name="paper", scale=0.9)])
+    with grpc.insecure_channel(live.grpc_target) as channel:
+        stub = pb_grpc.ImageGenerationStub(channel)
+        response = stub.Generate(request, metadata=live.grpc_metadata(), timeout=120)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Generate(
+                pb.GenerateRequest(prompt="x", loras=[pb.Lora(name="nope")]), metadata=live.grpc_metadata(), timeout=60
+            )
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    assert [(a.name, a.ref) for a in response.loras] == [("paper", native["loras"][0]["ref"])]
+    ours = np.asarray(Image.open(io.BytesIO(response.images[0].data)).convert("RGB")).astype(int)
+    assert np.abs(ours - pixels(native["data"][0]["b64_json"])).max() <= 1

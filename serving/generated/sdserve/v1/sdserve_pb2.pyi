@@ -24,7 +24,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "model", "negative_prompt", "width", "height", "n", "steps", "guidance_scale", "seed", "scheduler", "output_format", "quality", "preview", "user", "upscale", "safety", "init_image", "mask", "strength", "resize_mode")
+    __slots__ = ("prompt", "model", "negative_prompt", "width", "height", "n", "steps", "guidance_scale", "seed", "scheduler", "output_format", "quality", "preview", "user", "upscale", "safety", "init_image", "mask", "strength", "resize_mode", "loras")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class GenerateRequest(_message.Message):
     MASK_FIELD_NUMBER: _ClassVar[int]
     STRENGTH_FIELD_NUMBER: _ClassVar[int]
     RESIZE_MODE_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     model: str
     negative_prompt: str
@@ -65,7 +66,18 @@ class GenerateRequest(_message.Message):
     mask: bytes
     strength: float
     resize_mode: str
-    def __init__(self, prompt: _Optional[str] = ..., model: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., n: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ..., preview: _Optional[bool] = ..., user: _Optional[str] = ..., upscale: _Optional[_Union[Upscale, _Mapping]] = ..., safety: _Optional[str] = ..., init_image: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., strength: _Optional[float] = ..., resize_mode: _Optional[str] = ...) -> None: ...
+    loras: _containers.RepeatedCompositeFieldContainer[Lora]
+    def __init__(self, prompt: _Optional[str] = ..., model: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., n: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ..., preview: _Optional[bool] = ..., user: _Optional[str] = ..., upscale: _Optional[_Union[Upscale, _Mapping]] = ..., safety: _Optional[str] = ..., init_image: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., strength: _Optional[float] = ..., resize_mode: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ...) -> None: ...
+
+class Lora(_message.Message):
+    __slots__ = ("name", "scale", "ref")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    REF_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    scale: float
+    ref: str
+    def __init__(self, name: _Optional[str] = ..., scale: _Optional[float] = ..., ref: _Optional[str] = ...) -> None: ...
 
 class Upscale(_message.Message):
     __slots__ = ("model", "factor")
@@ -86,7 +98,7 @@ class Image(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., media_type: _Optional[str] = ..., flagged: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("images", "model", "model_version", "seed", "width", "height", "steps", "guidance_scale", "scheduler", "timings_ms", "withheld", "upscale", "strength", "inpainting")
+    __slots__ = ("images", "model", "model_version", "seed", "width", "height", "steps", "guidance_scale", "scheduler", "timings_ms", "withheld", "upscale", "strength", "inpainting", "loras")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +120,7 @@ class GenerateResponse(_message.Message):
     UPSCALE_FIELD_NUMBER: _ClassVar[int]
     STRENGTH_FIELD_NUMBER: _ClassVar[int]
     INPAINTING_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     model: str
     model_version: str
@@ -122,7 +135,8 @@ class GenerateResponse(_message.Message):
     upscale: Upscale
     strength: float
     inpainting: bool
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., withheld: _Optional[int] = ..., upscale: _Optional[_Union[Upscale, _Mapping]] = ..., strength: _Optional[float] = ..., inpainting: _Optional[bool] = ...) -> None: ...
+    loras: _containers.RepeatedCompositeFieldContainer[Lora]
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., withheld: _Optional[int] = ..., upscale: _Optional[_Union[Upscale, _Mapping]] = ..., strength: _Optional[float] = ..., inpainting: _Optional[bool] = ..., loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("job_id", "queued", "progress", "result")
