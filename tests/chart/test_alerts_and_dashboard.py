@@ -15,7 +15,7 @@ from types import ModuleType
 
 import yaml
 
-from tests.chart.helpers import CHART, VALUES_SETS, render, tool
+from tests.chart.helpers import CHART, VALUES_SETS, helm, render, tool
 
 WITH_ALERTS = ['metrics={"prometheusRule": {"enabled": true}, "grafanaDashboard": {"enabled": true}}']
 OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
@@ -235,9 +235,18 @@ def test_api_ports_admit_only_labelled_clients_by_default() -> None:
     assert "apiFrom" in bad
 
 
-def render_fails(sets: list[str]) -> str:
-    from tests.chart.helpers import helm
+def test_notes_say_who_may_reach_the_api() -> None:
+    def notes(*sets: str) -> str:
+        args = ["install", "x", str(CHART), "--dry-run=client", "-f", str(VALUES_SETS["default"][0])]
+        out = helm(*args, *[a for s in sets for a in ("--set-json", s)]).stdout
+        return out[out.index("NOTES:") :]
 
+    assert "kubectl label namespace <namespace> sdserve.io/api-client=true" in notes()
+    assert "sdserve.io/api-client" not in notes("networkPolicy.apiFrom=[]")
+    assert "sdserve.io/api-client" not in notes('networkPolicy={"enabled": false}')
+
+
+def render_fails(sets: list[str]) -> str:
     args = ["template", "x", str(CHART), "-f", str(VALUES_SETS["default"][0])]
     for s in sets:
         args += ["--set-json", s]
