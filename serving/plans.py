@@ -49,6 +49,7 @@ class StageCall:
         label: names the call's output for later ``Use(label)`` arguments.
         chained: the previous call's output comes first (False: only ``args``).
         steps: the denoising steps a ``progress`` call runs (progress counts on across a plan's passes).
+        route: replica affinity (the request's adapter set, ``adapter_route``): replicas holding it are preferred.
     """
 
     stage: str
@@ -60,6 +61,7 @@ class StageCall:
     label: str = ""
     chained: bool = True
     steps: int = 0
+    route: str = ""
 
     def arguments(self, previous: Any, outputs: dict[str, Any] | None = None) -> tuple[Any, ...]:
         head = () if previous is None or not self.chained else (previous,)
@@ -103,6 +105,14 @@ def _finish(calls: list[StageCall], req: GenerationRequest, input: Any = None) -
     return Plan(tuple(calls), input)
 
 
+ROUTE_SEPARATOR = "|"  # pinned references hold no "|" (serving/deployments/adapters.py splits on it)
+
+
+def adapter_route(req: GenerationRequest) -> str:
+    """The replica-affinity key of a request's adapters: their pinned references, sorted (empty: none)."""
+    return ROUTE_SEPARATOR.join(sorted(a.ref for a in req.loras))
+
+
 def _encode(req: GenerationRequest) -> EncodeRequest:
     return EncodeRequest(
         req.model, req.prompt, req.negative_prompt, with_negative=req.guidance_scale > 1.0, ref=req.ref, loras=req.loras
@@ -132,9 +142,21 @@ def _steps_run(params: DenoiseParams) -> int:
 
 def plan_generation(req: GenerationRequest) -> Plan:
     """The plan ``req`` needs: text to image, image to image / inpainting (``req.init``), or the hires fix
-    (``req.hires``), then whatever post-processing it asks for."""
-    if req.init is not None:
-        return _image_to_image(req)
+    (``req.hires``), then whatever post-processing it asks for. Calls of the stages that apply adapters carry the
+    request's adapter route."""
+    plan = _image_to_image(req) if req.init is not None else _text_to_image(req)
+    route = adapter_route(req)
+    if not route:
+        return plan
+    routed = tuple(replace(c, route=route) if c.stage in ADAPTER_STAGES else c for c in plan.calls)
+    return replace(plan, calls=routed)
+
+
+# The stages whose replicas hold adapter slots.
+ADAPTER_STAGES = ("text_encoder", "denoiser")
+
+
+def _text_to_image(req: GenerationRequest) -> Plan:
     first = _denoise(req, req.width, req.height, req.steps)
     calls = [
         StageCall("text_encoder", "encode", (_encode(req),), label="prompt"),

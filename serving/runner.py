@@ -54,9 +54,12 @@ class StageStream(Protocol):
 
 
 class StageClient(Protocol):
-    def call(self, method: str, *args: Any) -> StageResponse: ...
+    """Calls one stage. ``route``: a replica-affinity key (the request's adapter set): replicas that already hold
+    it are preferred."""
 
-    def stream(self, method: str, *args: Any, **kwargs: Any) -> StageStream: ...
+    def call(self, method: str, *args: Any, route: str = "") -> StageResponse: ...
+
+    def stream(self, method: str, *args: Any, route: str = "", **kwargs: Any) -> StageStream: ...
 
 
 class RayStageClient:
@@ -65,12 +68,17 @@ class RayStageClient:
     def __init__(self, handle: Any) -> None:
         self.handle = handle
 
-    def call(self, method: str, *args: Any) -> StageResponse:
-        response: StageResponse = getattr(self.handle, method).remote(*args)
+    def _routed(self, route: str) -> Any:
+        # Serve's model multiplexing: the router prefers replicas whose @serve.multiplexed loader holds the id
+        # (serving/deployments/adapters.py), so requests with the same adapters meet their resident slots.
+        return self.handle.options(multiplexed_model_id=route) if route else self.handle
+
+    def call(self, method: str, *args: Any, route: str = "") -> StageResponse:
+        response: StageResponse = getattr(self._routed(route), method).remote(*args)
         return response
 
-    def stream(self, method: str, *args: Any, **kwargs: Any) -> StageStream:
-        stream: StageStream = getattr(self.handle.options(stream=True), method).remote(*args, **kwargs)
+    def stream(self, method: str, *args: Any, route: str = "", **kwargs: Any) -> StageStream:
+        stream: StageStream = getattr(self._routed(route).options(stream=True), method).remote(*args, **kwargs)
         return stream
 
 
@@ -97,7 +105,7 @@ class LocalStageClient:
     def __init__(self, target: Any) -> None:
         self.target = target
 
-    def call(self, method: str, *args: Any) -> StageResponse:
+    def call(self, method: str, *args: Any, route: str = "") -> StageResponse:
         async def invoke() -> Any:
             resolved = [await a if isinstance(a, asyncio.Future) else a for a in args]
             result = getattr(self.target, method)(*resolved)
@@ -105,7 +113,7 @@ class LocalStageClient:
 
         return asyncio.ensure_future(invoke())
 
-    def stream(self, method: str, *args: Any, **kwargs: Any) -> StageStream:
+    def stream(self, method: str, *args: Any, route: str = "", **kwargs: Any) -> StageStream:
         async def generate() -> AsyncIterator[Any]:
             resolved = [await a if isinstance(a, asyncio.Future) else a for a in args]
             async for item in getattr(self.target, method)(*resolved, **kwargs):
@@ -180,7 +188,7 @@ class ChainRunner:
                     previous = await self._stream(client, call, args, report, preview, pending)
                     done += call.steps
                 else:
-                    previous = client.call(call.method, *args)
+                    previous = client.call(call.method, *args, route=call.route)
                     pending.append(previous)
                 if call.label:
                     outputs[call.label] = previous
@@ -202,7 +210,7 @@ class ChainRunner:
         pending: list[StageResponse | StageStream],
     ) -> Any:
         """Run a streaming step: progress items go to ``on_progress``; the last item is the step's output."""
-        stream = client.stream(f"{call.method}_stream", *args, preview=preview)
+        stream = client.stream(f"{call.method}_stream", *args, route=call.route, preview=preview)
         pending.append(stream)
         output: Any = None
         async for item in stream:

@@ -14,13 +14,20 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from ray import serve
+
 from models.contracts import AdapterUse
 from models.errors import AdapterError, StageInputError
 from serving.config import AppConfig
 from serving.env import SDSERVE_HOME
+from serving.plans import ROUTE_SEPARATOR
 
 if TYPE_CHECKING:
     from models.adapters import AdapterStore, LoadedAdapter
+
+# Adapter sets a replica tells Serve's router it holds (its @serve.multiplexed LRU); requests naming one of them
+# prefer this replica. A set beyond that may still be in the host tier; it just no longer attracts requests.
+AFFINITY_SETS = 16
 
 
 class ReplicaAdapters:
@@ -96,6 +103,36 @@ class ReplicaAdapters:
         """Host-memory adapters, and the slots of each loaded model version (pinned reference -> slots)."""
         banks = {ref: stage.loras.describe() for ref, stage in stages.items() if getattr(stage, "loras", None)}
         return {**self.store.describe(), "slots": banks}
+
+
+class AdapterAffinity:
+    """Replica affinity for adapters, through Serve's model multiplexing: the ingress sends a request with
+    ``multiplexed_model_id`` = its adapter set (``serving.plans.adapter_route``); the replica that serves it
+    registers the set with ``adapter_set`` (and reads the adapters into host memory), and the router then prefers
+    replicas that hold a request's set, where its adapters are in host memory or already in device slots.
+
+    Why multiplexing rather than a custom request router: it is Serve's supported way to say "this replica holds
+    model X" (the replica reports its ids to the controller, every router sees them), and it falls back to any
+    replica when the ones holding the set are busy, so affinity never turns into a queue."""
+
+    adapters: ReplicaAdapters
+
+    @serve.multiplexed(max_num_models_per_replica=AFFINITY_SETS)
+    async def adapter_set(self, route: str) -> tuple[str, ...]:
+        refs = tuple(route.split(ROUTE_SEPARATOR))
+        await asyncio.gather(*(self.adapters.load(ref) for ref in refs))
+        return refs
+
+    def held_routes(self) -> list[str]:
+        """The adapter sets this replica has told the router it holds, least recently used first."""
+        wrapper = getattr(self, "__serve_multiplex_wrapper", None)
+        return list(getattr(wrapper, "models", {}))
+
+    async def register_route(self) -> None:
+        """Record this request's adapter set as held here (a no-op for a request without adapters)."""
+        route = serve.get_multiplexed_model_id()
+        if route:
+            await self.adapter_set(route)
 
 
 def lora_options(config: AppConfig) -> dict[str, Any]:

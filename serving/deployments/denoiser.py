@@ -10,12 +10,12 @@ from ray import serve
 
 from models.contracts import DenoiseParams, DenoiseProgress, ImageLatents, Latents, PromptEmbeddings
 from serving.config import AppConfig
-from serving.deployments.adapters import adapter_support, lora_options
+from serving.deployments.adapters import AdapterAffinity, adapter_support, lora_options
 from serving.deployments.common import StageReplica
 
 
 @serve.deployment(name="Denoiser")
-class DenoiserDeployment(StageReplica):
+class DenoiserDeployment(AdapterAffinity, StageReplica):
     kind = "denoiser"
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -51,6 +51,7 @@ class DenoiserDeployment(StageReplica):
         pass), None for text to image."""
         params = self.pinned(params, await self.resolve(params.model, params.ref))
         stage = self.runtime.get(params.model, params.ref)
+        await self.register_route()
         with self.metrics.request():
             async with self.adapters.slots(stage, params.loras) as slots:
                 rows = tuple((slot, scale) for _, slot, scale in slots)
@@ -71,6 +72,7 @@ class DenoiserDeployment(StageReplica):
         """
         params = self.pinned(params, await self.resolve(params.model, params.ref))
         stage = self.runtime.get(params.model, params.ref)
+        await self.register_route()
         # Closed at once when the caller cancels the stream (not whenever it is garbage-collected), so the job
         # leaves the batch before its next step.
         with self.metrics.request():
@@ -86,5 +88,5 @@ class DenoiserDeployment(StageReplica):
         info["running_jobs"] = self.batcher.active
         recent = self.batcher.batch_sizes[-100:]
         info["recent_batch_sizes"] = {"max": max(recent, default=0), "mean": sum(recent) / max(len(recent), 1)}
-        info["loras"] = self.adapters.describe(dict(self.runtime.loaded))
+        info["loras"] = {**self.adapters.describe(dict(self.runtime.loaded)), "routes": self.held_routes()}
         return info

@@ -8,14 +8,14 @@ from ray import serve
 
 from models.contracts import EncodeRequest, PromptEmbeddings
 from serving.config import AppConfig
-from serving.deployments.adapters import adapter_support, lora_options
+from serving.deployments.adapters import AdapterAffinity, adapter_support, lora_options
 from serving.deployments.common import StageReplica
 
 TextAdapters = tuple[tuple[str, int, float], ...]  # (pinned reference, slot, scale), as the stage takes them
 
 
 @serve.deployment(name="TextEncoder")
-class TextEncoderDeployment(StageReplica):
+class TextEncoderDeployment(AdapterAffinity, StageReplica):
     kind = "text_encoder"
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -52,6 +52,7 @@ class TextEncoderDeployment(StageReplica):
     async def encode(self, request: EncodeRequest) -> PromptEmbeddings:
         request = self.pinned(request, await self.resolve(request.model, request.ref))
         stage = self.runtime.get(request.model, request.ref)
+        await self.register_route()
         # The text-encoder layers of the request's adapters, in slots while it is encoded (a cached embedding
         # is keyed by them, so a hit costs no slot copy beyond the first).
         async with self.adapters.slots(stage, request.loras) as slots:
@@ -60,5 +61,5 @@ class TextEncoderDeployment(StageReplica):
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
-        info["loras"] = self.adapters.describe(dict(self.runtime.loaded))
+        info["loras"] = {**self.adapters.describe(dict(self.runtime.loaded)), "routes": self.held_routes()}
         return info

@@ -122,3 +122,18 @@ def test_grpc_generate_with_adapters(live: LiveService) -> None:
     assert [(a.name, a.ref) for a in response.loras] == [("paper", native["loras"][0]["ref"])]
     ours = np.asarray(Image.open(io.BytesIO(response.images[0].data)).convert("RGB")).astype(int)
     assert np.abs(ours - pixels(native["data"][0]["b64_json"])).max() <= 1
+
+
+def test_replicas_hold_the_adapter_sets_they_served(live: LiveService) -> None:
+    """The text encoder and the denoiser register a request's adapter set with Serve's multiplexing (what the
+    router prefers for the next request with that set) and hold its adapters in host memory and device slots."""
+    body = generate(live, prompt="a copper kettle", loras=[{"name": "paper", "scale": 1.0}, {"name": "ink"}])
+    route = "|".join(sorted(a["ref"] for a in body["loras"]))
+    with live.client() as client:
+        stages = client.get("/readyz").json()["stages"]
+    for name in ("text_encoder", "denoiser"):
+        loras = stages[name]["loras"]
+        assert route in loras["routes"], name
+        assert {a["ref"] for a in body["loras"]} <= set(loras["host_adapters"]), name
+    resident = next(iter(stages["denoiser"]["loras"]["slots"].values()))["resident"]
+    assert {a["ref"] for a in body["loras"]} <= set(resident)

@@ -143,6 +143,21 @@ def test_text_to_image_plan_is_the_three_stages_and_only_the_last_encodes() -> N
     assert plan.calls[1].progress
 
 
+def test_adapters_reach_the_text_encoder_and_the_denoiser_with_their_route() -> None:
+    from models.contracts import AdapterUse
+
+    uses = (AdapterUse("ink", "s3://loras/ink@v2", 0.8), AdapterUse("grain", "file:///loras/grain", 1.0))
+    for req in (replace(REQ, loras=uses), replace(REQ, loras=uses, hires=HiresFix(128, 128, 2, 0.5, None))):
+        plan = plan_generation(req)
+        routed = {c.stage for c in plan.calls if c.route}
+        assert routed == {"text_encoder", "denoiser"}
+        assert {c.route for c in plan.calls if c.route} == {"file:///loras/grain|s3://loras/ink@v2"}
+        encode = next(c for c in plan.calls if c.method == "encode").args[0]
+        assert encode.loras == uses
+        assert all(a.loras == uses for c in plan.calls if c.method == "denoise" for a in c.args if hasattr(a, "loras"))
+    assert not any(c.route for c in plan_generation(REQ).calls)
+
+
 def test_runner_output_equals_the_stages_called_by_hand(stages: dict[str, Any]) -> None:
     plan = plan_generation(REQ)
     result = asyncio.run(runner(stages).run(plan))
