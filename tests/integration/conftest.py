@@ -85,10 +85,9 @@ def live(
     import ray
 
     from models.safety import create_test_safety_checker
+    from models.testmodels import create_test_lora
     from models.upscaler import create_test_upscaler
     from serving.local import free_port, local_ray_env, start_local, stop_local
-
-    from models.testmodels import create_test_lora
 
     upscaler_dir = create_test_upscaler(tmp_path_factory.mktemp("upscaler") / "x4", seed=0)
     lora_root = tmp_path_factory.mktemp("loras")
