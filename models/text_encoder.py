@@ -26,6 +26,8 @@ from models.errors import PromptTooLongError
 from models.prompt_weights import BREAK_WEIGHT, is_plain, parse_prompt
 from models.snapshot import ModelSnapshot
 
+# A1111's comma_padding_backtrack default: how far back a full chunk looks for a comma to cut at.
+COMMA_BACKTRACK = 20
 # A prompt ready to encode: its chunks of 77 token ids, and each token's weight (None: all 1, unweighted).
 Tokens = tuple[list[list[int]], list[list[float]] | None]
 # The text-encoder adapters a text is encoded with: (pinned reference, slot, scale) each; () for none.
@@ -66,6 +68,8 @@ class TextEncoderStage:
         self.window = self.tokenizer.model_max_length  # 77 for CLIP
         self.hidden_size = self.text_encoder.config.hidden_size
         self.chunk_tokens = self.window - 2  # room for the start and end tokens
+        commas = self.tokenizer(",", add_special_tokens=False).input_ids
+        self.comma_token: int | None = commas[0] if len(commas) == 1 else None
         # Text-encoder LoRAs: a fixed set of slots in CLIP's attention and MLP layers (``models/adapters``); one
         # forward pass has a text's chunks (BREAK may cut one per token).
         self.loras: LoraBank | None = None
@@ -95,17 +99,31 @@ class TextEncoderStage:
 
     def _chunks(self, ids: list[int], weights: list[float] | None = None) -> Tokens:
         """Chunks of 75 tokens wrapped in start / end tokens and padded to 77 (a ``BREAK_WEIGHT`` entry in
-        ``weights`` ends a chunk early), with the weights laid out the same way (1 for the special tokens)."""
+        ``weights`` ends a chunk early), with the weights laid out the same way (1 for the special tokens).
+
+        As A1111 does, a chunk that fills up within ``COMMA_BACKTRACK`` tokens after a comma is cut after that
+        comma, and the words since move to the next chunk, so a phrase is not split across two chunks."""
         bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         marks = weights if weights is not None else [1.0] * len(ids)
         pieces: list[tuple[list[int], list[float]]] = [([], [])]
+        last_comma = -1
         for token, weight in zip(ids, marks, strict=True):
             if weight == BREAK_WEIGHT:
                 pieces.append(([], []))
+                last_comma = -1
                 continue
-            if len(pieces[-1][0]) == self.chunk_tokens:
-                pieces.append(([], []))
+            tokens, kept = pieces[-1]
+            if len(tokens) == self.chunk_tokens:
+                moved: tuple[list[int], list[float]] = ([], [])
+                if last_comma != -1 and len(tokens) - last_comma <= COMMA_BACKTRACK:
+                    cut = last_comma + 1
+                    moved = (tokens[cut:], kept[cut:])
+                    del tokens[cut:], kept[cut:]
+                pieces.append(moved)
+                last_comma = -1
+            if token == self.comma_token:
+                last_comma = len(pieces[-1][0])
             pieces[-1][0].append(token)
             pieces[-1][1].append(weight)
         fill = [[pad] * (self.chunk_tokens - len(p)) for p, _ in pieces]

@@ -77,3 +77,18 @@ def test_weighting_syntax_counts_toward_the_token_limit(encoder: TextEncoderStag
     long = " ".join(["(astronaut:1.2)"] * (encoder.max_prompt_tokens + 1))
     with pytest.raises(PromptTooLongError):
         embed(encoder, long)
+
+
+def test_a_full_chunk_is_cut_after_its_last_comma(encoder: TextEncoderStage) -> None:
+    """A1111's comma back-tracking: a chunk that fills up within 20 tokens of a comma ends at that comma, and the
+    phrase since starts the next chunk; with no comma that near, the chunk is cut at 75 tokens."""
+    word = encoder.token_ids("cat")
+    assert len(word) == 1
+    tail = ["dog"] * 10
+    _, (chunks, _) = encoder.tokens(" ".join(["cat"] * 68) + ", " + " ".join(tail), "prompt")
+    comma = encoder.comma_token
+    first, second = chunks[0][1:-1], chunks[1][1:]
+    assert first[:69] == word * 68 + [comma] and set(first[69:]) == {encoder.tokenizer.pad_token_id}
+    assert second[:10] == encoder.token_ids(" ".join(tail))
+    _, (far, _) = encoder.tokens(" ".join(["cat"] * 40) + ", " + " ".join(["dog"] * 40), "prompt")
+    assert far[0][1:76] == (word * 40 + [comma] + encoder.token_ids(" ".join(["dog"] * 34)))
