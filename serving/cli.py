@@ -43,7 +43,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Start the service, generate one image through the OpenAI-compatible endpoint, a variation of it (image to
-    image), its centre inpainted and (with an upscaler) the image upscaled x4; save them, stop."""
+    image), its centre inpainted, the same seed with the first two LoRA adapters (when adapters are served) and
+    (with an upscaler) the image upscaled x4; save them, stop."""
     import httpx
 
     from serving.local import ensure_default_model, free_port, start_local, stop_local
@@ -80,6 +81,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if inpainted is None:
             return 1
         print(f"wrote {inpainted['path']} (centre inpainted by {inpaint_model}) in {time.perf_counter() - t0:.2f} s")
+        adapters = [a["name"] for a in httpx.get(f"{url}/v1/loras", timeout=60).json()["data"] if a["ref"]][:2]
+        if adapters:  # the same seed with adapters: what a per-request LoRA changes
+            t0 = time.perf_counter()
+            loras = [{"name": name, "scale": 0.8} for name in adapters]
+            styled = _generate_to_file(url, {**body, "loras": loras}, args.out)
+            if styled is None:
+                return 1
+            print(f"wrote {styled['path']} (LoRA {', '.join(adapters)} at 0.8) in {time.perf_counter() - t0:.2f} s")
         upscalers = httpx.get(f"{url}/v1/upscalers", timeout=60).json()["data"]
         if upscalers:  # the same image again, upscaled x4 by the first upscaler
             t0 = time.perf_counter()
@@ -189,6 +198,17 @@ def cmd_create_test(args: argparse.Namespace) -> int:
         args.directory, size=args.size, seed=args.seed, dtype=args.dtype, inpainting=args.inpainting
     )
     print(f"wrote {args.size} test model (seed {args.seed}) to {path} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_create_test_lora(args: argparse.Namespace) -> int:
+    from models.testmodels import create_test_lora
+
+    path = create_test_lora(
+        args.model, args.directory, args.format, rank=args.rank, alpha=args.alpha,
+        text_encoder=not args.unet_only, seed=args.seed,
+    )  # fmt: skip
+    print(f"wrote a random {args.format} LoRA (rank {args.rank}) for {args.model} to {path}")
     return 0
 
 
@@ -305,6 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--dtype", choices=["float32", "float16"], help="weight dtype on disk (default: per size)")
     create.add_argument("--inpainting", action="store_true", help="the inpainting layout: a UNet with 9 input channels")
     create.set_defaults(func=cmd_create_test)
+    lora = models_sub.add_parser("create-test-lora", help="write a random LoRA adapter file for a model's layout")
+    lora.add_argument("model", help="diffusers-layout model folder whose shapes it adapts")
+    lora.add_argument("directory", help="folder to write <folder name>.safetensors into")
+    lora.add_argument("--format", choices=["kohya", "diffusers"], default="kohya")
+    lora.add_argument("--rank", type=int, default=4)
+    lora.add_argument("--alpha", type=float, help="kohya network alpha (default: the rank, scale 1)")
+    lora.add_argument("--unet-only", action="store_true", help="no text-encoder layers")
+    lora.add_argument("--seed", type=int, default=0)
+    lora.set_defaults(func=cmd_create_test_lora)
 
     def registry_command(name: str, help: str, func: Any) -> argparse.ArgumentParser:
         cmd = models_sub.add_parser(name, help=help)

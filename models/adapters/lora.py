@@ -99,6 +99,14 @@ def read_lora(path: Path) -> LoraWeights:
         raise AdapterError(f"{path.name} holds no tensors", "loras")
     kohya = is_kohya(raw)
     family = detect_family(raw)
+    from models.snapshot import MODEL_FAMILIES
+
+    if family not in MODEL_FAMILIES:  # e.g. an SDXL LoRA: no model here it could apply to
+        raise AdapterError(
+            f"{path.name} is a LoRA for {family} models; this service serves {', '.join(sorted(MODEL_FAMILIES))} "
+            "models",
+            "loras",
+        )
     try:
         state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
             str(path), use_safetensors=True, return_lora_metadata=True
@@ -114,11 +122,31 @@ def read_lora(path: Path) -> LoraWeights:
     unknown = sorted(set(by_prefix) - {"unet", "text_encoder"})
     if unknown and family == "sd1":
         raise AdapterError(f"{path.name} adapts {unknown}: not part of an SD1 pipeline", "loras")
-    unet = _layers(by_prefix.get("unet", {}), alphas, metadata, "unet", path.name)
-    text = _layers(by_prefix.get("text_encoder", {}), alphas, metadata, "text_encoder", path.name)
+    try:
+        unet = _layers(by_prefix.get("unet", {}), alphas, metadata, "unet", path.name)
+        text = _layers(by_prefix.get("text_encoder", {}), alphas, metadata, "text_encoder", path.name)
+    except AdapterError:
+        raise
+    except (KeyError, ValueError) as exc:  # diffusers' converters on key layouts they cannot place
+        raise AdapterError(f"{path.name}: its layers cannot be converted: {exc}", "loras") from exc
     if not unet and not text:
         raise AdapterError(f"{path.name} adapts neither the UNet nor the text encoder", "loras")
     return LoraWeights(family=family, format="kohya" if kohya else "diffusers", unet=unet, text_encoder=text)
+
+
+def header_family(directory: Path) -> str:
+    """The base family of the adapter file in ``directory`` from its header alone (names and shapes, no tensor
+    data); "" when it is not a readable adapter."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        path = lora_file(directory)
+        with safe_open(str(path), framework="pt") as f:
+            names: list[str] = list(f.keys())  # a safe_open handle is not a dict
+            shapes = {name: torch.empty(f.get_slice(name).get_shape(), device="meta") for name in names}
+    except (AdapterError, SafetensorError, OSError, ValueError):
+        return ""
+    return detect_family(shapes)
 
 
 def detect_family(raw: dict[str, torch.Tensor]) -> str:

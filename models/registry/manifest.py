@@ -210,6 +210,10 @@ def build_manifest(directory: Path, revision: str, allow_pickle: bool = False, k
         from models.snapshot import family_for
 
         family = family_for(json.loads(index.read_text()).get("_class_name", "")).name
+    if kind == "lora":  # the base family it was trained for, from the file's names and shapes
+        from models.adapters.lora import header_family
+
+        family = header_family(directory)
     manifest = Manifest(family=family, revision=revision, files=tuple(files), kind=kind)
     manifest.check_safe(None, allow_pickle, str(directory))
     return manifest

@@ -64,6 +64,29 @@ def flagged_images(model_dir: Path) -> tuple[list, list]:
     return [pair[0], alone[0]], [pair[1]]
 
 
+def unusable_loras(root: Path) -> dict[str, Path]:
+    """Adapters every request naming them must be refused for (and only those requests): a corrupt file, and a
+    LoRA for SDXL (a second text encoder, 2048-wide cross-attention)."""
+    import torch
+    from safetensors.torch import save_file
+
+    (root / "broken").mkdir()
+    broken = root / "broken" / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    (root / "xl").mkdir()
+    xl = root / "xl" / "xl.safetensors"
+    layers = {
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (768, 768),
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (1280, 1280),
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k": (2048, 640),
+    }
+    tensors = {}
+    for key, (fan_in, fan_out) in layers.items():
+        tensors |= {f"{key}.lora_down.weight": torch.zeros(4, fan_in), f"{key}.lora_up.weight": torch.zeros(fan_out, 4)}
+    save_file(tensors, str(xl))
+    return {"broken": broken, "xl": xl}
+
+
 def tiny_config(model_dir: Path, outputs: Path, **overrides: object) -> AppConfig:
     data: dict[str, object] = {
         "models": [{"name": "tiny", "source": str(model_dir), "description": "tiny random test model"}],
@@ -95,6 +118,7 @@ def live(
         "ink": create_test_lora(tiny_model_dir, lora_root / "ink", "kohya", rank=4, alpha=2.0, seed=1),
         "paper": create_test_lora(tiny_model_dir, lora_root / "paper", "diffusers", rank=4, seed=2),
         "grain": create_test_lora(tiny_model_dir, lora_root / "grain", "kohya", 8, None, text_encoder=False, seed=3),
+        **unusable_loras(lora_root),
     }
     flag, clear = flagged_images(tiny_model_dir)
     checker_dir = create_test_safety_checker(

@@ -34,9 +34,10 @@ def test_catalog_lists_pinned_adapters(live: LiveService) -> None:
         native = client.get("/v1/loras").json()["data"]
         a1111 = client.get("/sdapi/v1/loras").json()
         assert client.post("/sdapi/v1/refresh-loras").status_code == 200
-    assert {a["name"] for a in native} == {"ink", "paper", "grain"}
+    names = {"ink", "paper", "grain", "broken", "xl"}
+    assert {a["name"] for a in native} == names
     assert all(a["ref"] and a["error"] is None for a in native)
-    assert {a["name"] for a in a1111} == {"ink", "paper", "grain"}
+    assert {a["name"] for a in a1111} == names
 
 
 def test_concurrent_requests_with_different_adapters_each_get_their_own(live: LiveService) -> None:
@@ -89,7 +90,9 @@ def test_a1111_prompt_tags_and_openai_extra_body(live: LiveService) -> None:
     [
         ([{"name": "nope"}], 404, "lora_not_found", "loras[0].name"),
         ([{"name": "ink", "scale": 9.0}], 422, "invalid_request", "loras[0].scale"),
-        ([{"name": n} for n in ("ink", "paper", "grain", "ink", "paper")], 422, "invalid_request", "loras"),
+        ([{"name": n} for n in ("ink", "paper", "grain", "xl", "broken")], 422, "invalid_request", "loras"),
+        ([{"name": "broken"}], 422, "lora_invalid", "loras"),
+        ([{"name": "xl"}], 422, "lora_invalid", "loras"),
         ([{"name": "ink"}, {"name": "ink"}], 422, "invalid_request", "loras[1].name"),
     ],
 )
@@ -101,6 +104,9 @@ def test_bad_adapters_are_refused(
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert (error["code"], error["param"]) == (code, param)
+    if loras == [{"name": "xl"}]:
+        assert "sdxl" in error["message"]
+    generate(live, loras=[{"name": "ink"}])  # the replicas keep serving
 
 
 def test_grpc_generate_with_adapters(live: LiveService) -> None:

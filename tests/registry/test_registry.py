@@ -388,3 +388,36 @@ def test_artifact_kinds_are_detected_or_given(checker_copy: Path, tmp_path: Path
     with pytest.raises(RegistryError, match="neither a diffusers pipeline"):
         build_manifest(tmp_path / "notes", "v1")
     assert build_manifest(tmp_path / "notes", "v1", kind="upscaler").kind == "upscaler"
+
+
+def test_lora_adapters_are_pulled_verified_and_converted(
+    s3_env: S3Server, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A kohya adapter pushed to S3: its manifest records its base family; a replica's store pulls, verifies and
+    converts it once (host memory after that); a pickle adapter and a tampered file are refused at pull."""
+    from models.adapters import AdapterError, AdapterStore
+    from models.testmodels import create_test_lora
+
+    lora = create_test_lora(tiny_model_dir, tmp_path / "ink", "kohya", rank=4, alpha=2.0)
+    publish(lora.parent, parse_ref("s3://models/adapters/ink@v1"))
+    assert Manifest.from_bytes((lora.parent / MANIFEST_NAME).read_bytes(), "t").family == "sd1"
+    store = AdapterStore(SnapshotCache(tmp_path / "cache"), max_bytes=2**30)
+    first = store.load("s3://models/adapters/ink@v1")
+    assert first.weights.format == "kohya" and first.weights.unet and first.weights.text_encoder
+    assert store.load("s3://models/adapters/ink@v1") is first and store.loads == 1
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter.ckpt").write_bytes(b"\x80\x04K\x01.")
+    publish(pickled, parse_ref("s3://models/adapters/pickled@v1"), allow_pickle=True, kind="lora")
+    with pytest.raises(AdapterError, match="pickle"):
+        store.load("s3://models/adapters/pickled@v1")
+
+    tampered = create_test_lora(tiny_model_dir, tmp_path / "grain", "diffusers", rank=2)
+    publish(tampered.parent, parse_ref("s3://models/adapters/grain@v1"))
+    client, key = s3_env.client(), "adapters/grain/v1/grain.safetensors"
+    data = bytearray(client.get_object(Bucket="models", Key=key)["Body"].read())
+    data[-1] ^= 0xFF
+    client.put_object(Bucket="models", Key=key, Body=bytes(data))
+    with pytest.raises(AdapterError, match="refused"):
+        store.load("s3://models/adapters/grain@v1")

@@ -230,3 +230,56 @@ def test_hires_fix_refusals():
     with pytest.raises(ApiError) as weak:
         r.hires_fix(base, 2.0, (0, 0), None, 0, 0.1)
     assert weak.value.param == "denoising_strength"
+
+
+def lora_resolver(**lora: object) -> RequestResolver:
+    from serving.config import ArtifactSpec, PresetLora, PresetSpec
+
+    r = resolver(max_loras=2)
+    r.config = r.config.model_copy(update={"lora": r.config.lora.model_copy(update=lora)})
+    r.models.artifacts["loras"] = {n: ArtifactSpec(name=n, source=f"/loras/{n}") for n in ("ink", "grain", "down")}
+    r.models.adapters.update({"ink": "/loras/ink", "grain": "/loras/grain"})
+    r.models.adapter_errors["down"] = "NotFoundError: gone"
+    r.presets._fixed["inked"] = PresetSpec(name="inked", loras=[PresetLora(name="ink", scale=0.6)])
+    return r
+
+
+def test_adapters_resolve_to_pinned_references_with_their_scales() -> None:
+    r = lora_resolver()
+    req = r.resolve(ImageGenerationRequest.model_validate({"prompt": "x", "loras": [{"name": "ink", "scale": 0.5}]}))
+    assert [(a.name, a.ref, a.scale) for a in req.loras] == [("ink", "/loras/ink", 0.5)]
+    styled = r.resolve(ImageGenerationRequest(prompt="x", style="inked"))
+    assert [(a.name, a.scale) for a in styled.loras] == [("ink", 0.6)]
+    own = r.resolve(
+        ImageGenerationRequest.model_validate({"prompt": "x", "style": "inked", "loras": [{"name": "grain"}]})
+    )
+    assert [a.name for a in own.loras] == ["grain"]  # the request's own adapters replace the preset's
+
+
+@pytest.mark.parametrize(
+    ("loras", "status", "code", "param"),
+    [
+        ([{"name": "nope"}], 404, "lora_not_found", "loras[0].name"),
+        ([{"name": "ink", "scale": 2.5}], 422, "invalid_request", "loras[0].scale"),
+        ([{"name": "ink", "scale": float("nan")}], 422, "invalid_request", "loras[0].scale"),
+        ([{"name": "ink"}, {"name": "grain"}, {"name": "ink"}], 422, "invalid_request", "loras"),
+        ([{"name": "ink"}, {"name": "ink"}], 422, "invalid_request", "loras[1].name"),
+        ([{"name": "down"}], 503, "lora_unavailable", "loras"),
+    ],
+)
+def test_bad_adapters_are_refused_before_any_stage(loras: list[dict[str, object]], status: int, code: str, param: str):
+    err = refused(lora_resolver(), loras=loras)
+    assert (err.status, err.code, err.param) == (status, code, param)
+
+
+def test_a1111_lora_tags_leave_the_prompt_and_become_adapters() -> None:
+    from serving.a1111 import lora_tags
+
+    prompt, loras = lora_tags("a cat <lora:ink:0.7>, in snow <lora:grain>")
+    assert prompt == "a cat , in snow"
+    assert [(a.name, a.scale) for a in loras] == [("ink", 0.7), ("grain", 1.0)]
+    assert lora_tags("no tags (here:1.2)") == ("no tags (here:1.2)", [])
+    for bad in ("<lora:ink:x>", "<lora:ink:0.5:0.2>", "<hypernet:h:1>"):
+        with pytest.raises(ApiError) as info:
+            lora_tags(f"a cat {bad}")
+        assert info.value.param == "prompt"
