@@ -82,3 +82,36 @@ def test_warm_up_captures_every_batch_before_the_first_request(tiny_model_dir: P
     for images in (1, 2, 3):
         stage.run(DenoiseParams("tiny", 64, 64, 3, 7.5, "euler", seed=1, num_images=images), emb)
     assert stage.graphs.describe() == {"graphs": 4, "replays": 9, "eager_calls": 0}  # nothing captured late
+
+
+@pytest.mark.gpu
+def test_graphs_stay_valid_across_adapter_mixes_and_slot_loads(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """One captured graph per batch shape serves any mix of LoRA slots, and adapters copied into slots after the
+    capture: graphed steps equal eager ones with the same adapters."""
+    from models.adapters import read_lora
+    from models.testmodels import create_test_lora
+
+    cuda = torch.device("cuda")
+    snap = open_snapshot(str(tiny_model_dir))
+    options = {"lora_slots": 3, "lora_max_rank": 8, "loras_per_request": 2, "max_rows": 8}
+    graphed = DenoiserStage("tiny", snap, cuda, torch.float16, warm_up=(64, 64, 4), **options)  # type: ignore[arg-type]
+    eager = DenoiserStage("tiny", snap, cuda, torch.float16, cuda_graphs=False, **options)  # type: ignore[arg-type]
+    captured = len(graphed.graphs.graphs) if graphed.graphs else 0
+    assert captured > 0
+    files = [
+        create_test_lora(tiny_model_dir, tmp_path / f"l{i}", "kohya", 4 * (i + 1), None, False, i) for i in range(2)
+    ]
+    encoder = TextEncoderStage("tiny", snap, cuda, torch.float16)
+    (emb,) = encoder.encode([EncodeRequest("tiny", "a red cube", "blurry", True)])
+    for mix in ((), ((0, 0.8),), ((1, 1.0), (0, 0.5))):
+        results = []
+        for stage in (graphed, eager):
+            assert stage.loras is not None
+            slots = [stage.loras.acquire(str(files[i]), read_lora(files[i]).unet) for i, _ in mix]
+            adapters = tuple((slot, scale) for slot, (_, scale) in zip(slots, mix, strict=True))
+            params = DenoiseParams("tiny", 64, 64, 4, 7.5, "euler", seed=3, num_images=2)
+            results.append(stage.run(params, emb, adapters=adapters).tensor)
+            for slot in slots:
+                stage.loras.release(slot)
+        torch.testing.assert_close(results[0], results[1], rtol=1e-2, atol=1e-2)
+    assert graphed.graphs is not None and len(graphed.graphs.graphs) == captured  # no recapture
