@@ -17,7 +17,7 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 
 from models.schedulers import SCHEDULERS
-from serving import audit
+from serving import audit, tracing
 from serving.a1111 import A1111Api, create_router
 from serving.auth import act_as, presented_key, reset_principal
 from serving.errors import ApiError, BodySizeLimit, install_error_handlers, invalid, validation_error
@@ -183,6 +183,10 @@ def create_api(
         version="0.1.0",
         description="Stable Diffusion serving: OpenAI Images API compatible text-to-image, asynchronous jobs "
         "with live progress, and the AUTOMATIC1111 API subset.",
+        # The ingress opens one span per request itself, for HTTP and gRPC alike (audit_line, serving/tracing.py);
+        # FastAPI's native spans (a second server span, and one per dependency, endpoint and serialization) would
+        # be recorded through the same tracer provider beside it.
+        telemetry={"tracing": False, "operation_spans": False},
     )
     install_error_handlers(app, on_error=metrics.observe_error if metrics else None)
     config = service.config
@@ -204,6 +208,7 @@ def create_api(
             if principal is None:
                 challenge = 'Basic realm="sdserve"' if path.startswith("/sdapi/") else 'Bearer realm="sdserve"'
                 body = {"error": {"code": "unauthorized", "message": UNAUTHORIZED, "param": None}}
+                audit.note(error="unauthorized")
                 if metrics is not None:
                     metrics.observe_error("unauthorized")
                 return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": challenge})
@@ -224,20 +229,22 @@ def create_api(
             metrics.observe_request(route, response.status_code, time.perf_counter() - started)
             return response
 
-    @app.middleware("http")  # added last: outermost, so its line covers the auth refusals too
+    @app.middleware("http")  # added last: outermost, so its line (and span) covers the auth refusals too
     async def audit_line(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        """The request's audit line and, with tracing on, its server span (the parent of its stage calls)."""
         fields, token = audit.begin()
         started = time.perf_counter()
         status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            audit.end(token)
-            principal = getattr(request.state, "principal", None)
-            service.audit.write(
-                {
+        name = f"{request.method} {request.url.path}"
+        with tracing.span(name, request.headers, make_current=True, record_errors=False) as span:
+            try:
+                response = await call_next(request)
+                status = response.status_code
+                return response
+            finally:
+                audit.end(token)
+                principal = getattr(request.state, "principal", None)
+                entry = {
                     "tenant": principal.tenant if principal else None,
                     "key_id": principal.key_id if principal else None,
                     "api": "http",
@@ -245,10 +252,11 @@ def create_api(
                     "route": getattr(request.scope.get("route"), "path", request.url.path),
                     "status": status,
                     "latency_ms": round((time.perf_counter() - started) * 1000, 1),
-                    "trace_id": audit.trace_id(request.headers.get("traceparent")),
+                    "trace_id": tracing.trace_id(span) or audit.trace_id(request.headers.get("traceparent")),
                     **fields,
                 }
-            )
+                service.audit.write(entry)
+                tracing.finish_request(span, entry)
 
     def base_url(request: Request) -> str:
         return (config.outputs.public_base_url or str(request.base_url)).rstrip("/")

@@ -21,6 +21,8 @@ def deployment_options(name: str, spec: DeploymentSpec) -> dict[str, Any]:
         actor["memory"] = res.memory
     if res.resources:
         actor["resources"] = dict(res.resources)
+    if spec.env:
+        actor["runtime_env"] = {"env_vars": dict(spec.env)}
     options: dict[str, Any] = {
         "name": name,
         "ray_actor_options": actor,

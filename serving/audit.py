@@ -2,10 +2,10 @@
 
 Fields: ``ts``, ``tenant`` and ``key_id`` (never the key), ``api`` (http / grpc), ``method`` and ``route`` (the
 route's template, or the RPC), ``status`` (HTTP status, or the gRPC code's name), ``latency_ms``, ``trace_id``
-(from a W3C ``traceparent`` the client sent), and what the call generated when it did: ``model``,
-``model_version``, ``size``, ``steps``, ``images``, ``styles``, ``mode`` (txt2img / img2img / inpaint / hires),
-``error`` (the error code). Lines go to the ``sdserve.audit`` logger and, with ``audit.path``, are appended to
-that file.
+(the request's trace with tracing on, else from a W3C ``traceparent`` the client sent), and what the call
+generated when it did: ``model``, ``model_version``, ``size``, ``steps``, ``images``, ``styles``, ``mode``
+(txt2img / img2img / inpaint / hires), ``error`` (the error code). Lines go to the ``sdserve.audit`` logger and,
+with ``audit.path``, are appended to that file.
 """
 
 from __future__ import annotations

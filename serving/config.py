@@ -134,6 +134,11 @@ class DeploymentSpec(_Strict):
     )
     health_check_period_s: float = Field(default=10.0, gt=0, description="Seconds between health checks.")
     graceful_shutdown_timeout_s: float = Field(default=30.0, ge=0, description="Drain time before a replica stops.")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment variables of this deployment's replicas (Ray runtime_env env_vars) over those "
+        "of the Ray worker, e.g. OTEL_* to trace one deployment differently.",
+    )
 
     @model_validator(mode="before")
     @classmethod

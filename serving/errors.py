@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving import audit
+
 logger = logging.getLogger(__name__)
 
 
@@ -84,6 +86,7 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[str], None] | None 
     """Route every kind of failure through the one error shape; ``on_error`` sees each error code."""
 
     def error_response(err: ApiError) -> JSONResponse:
+        audit.note(error=err.code)
         if on_error is not None:
             on_error(err.code)
         return _respond(err)

@@ -6,6 +6,8 @@
 - A stage replica that dies under the plan: stage calls are pure functions of their inputs, so the plan is
   issued again (up to ``limits.replica_loss_retries`` times) and lands on live replicas.
 - Progress: a step marked ``progress`` streams (``<method>_stream``) when the caller asked for progress.
+- Traces: with tracing on, every stage call carries the current span's W3C context as its ``trace`` keyword
+  argument (Serve handles propagate no OpenTelemetry context), and the replica's span is its child.
 - Tensors never pass through the caller: each call gets the previous call's *response* as its first argument
   and the stage resolves it from the object store. Only a streamed step's final output passes through (the
   denoiser's latents: 1/48 of the pixels the decoder sends back anyway).
@@ -27,6 +29,7 @@ from typing import Any, Protocol
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from models.contracts import DenoiseProgress
+from serving import tracing
 from serving.config import LimitsSpec
 from serving.errors import ApiError
 from serving.plans import Plan, StageCall
@@ -34,6 +37,7 @@ from serving.plans import Plan, StageCall
 logger = logging.getLogger(__name__)
 
 OnProgress = Callable[[Any], Awaitable[None]]
+Trace = Mapping[str, str] | None  # W3C trace context headers (traceparent, tracestate)
 MapError = Callable[[BaseException], BaseException]
 
 
@@ -55,11 +59,12 @@ class StageStream(Protocol):
 
 class StageClient(Protocol):
     """Calls one stage. ``route``: a replica-affinity key (the request's adapter set): replicas that already hold
-    it are preferred."""
+    it are preferred. ``trace``: the caller's W3C trace context (``serving.tracing.carrier``), passed to the method
+    as its ``trace`` keyword argument when set."""
 
-    def call(self, method: str, *args: Any, route: str = "") -> StageResponse: ...
+    def call(self, method: str, *args: Any, route: str = "", trace: Trace = None) -> StageResponse: ...
 
-    def stream(self, method: str, *args: Any, route: str = "", **kwargs: Any) -> StageStream: ...
+    def stream(self, method: str, *args: Any, route: str = "", trace: Trace = None, **kwargs: Any) -> StageStream: ...
 
 
 class RayStageClient:
@@ -73,13 +78,20 @@ class RayStageClient:
         # (serving/deployments/adapters.py), so requests with the same adapters meet their resident slots.
         return self.handle.options(multiplexed_model_id=route) if route else self.handle
 
-    def call(self, method: str, *args: Any, route: str = "") -> StageResponse:
-        response: StageResponse = getattr(self._routed(route), method).remote(*args)
+    def call(self, method: str, *args: Any, route: str = "", trace: Trace = None) -> StageResponse:
+        response: StageResponse = getattr(self._routed(route), method).remote(*args, **_traced(trace))
         return response
 
-    def stream(self, method: str, *args: Any, route: str = "", **kwargs: Any) -> StageStream:
-        stream: StageStream = getattr(self._routed(route).options(stream=True), method).remote(*args, **kwargs)
+    def stream(self, method: str, *args: Any, route: str = "", trace: Trace = None, **kwargs: Any) -> StageStream:
+        stream: StageStream = getattr(self._routed(route).options(stream=True), method).remote(
+            *args, **kwargs, **_traced(trace)
+        )
         return stream
+
+
+def _traced(trace: Trace) -> dict[str, Any]:
+    # Without a trace context the call is exactly what it is with tracing off: no extra argument.
+    return {"trace": dict(trace)} if trace else {}
 
 
 class _LocalStream:
@@ -105,18 +117,18 @@ class LocalStageClient:
     def __init__(self, target: Any) -> None:
         self.target = target
 
-    def call(self, method: str, *args: Any, route: str = "") -> StageResponse:
+    def call(self, method: str, *args: Any, route: str = "", trace: Trace = None) -> StageResponse:
         async def invoke() -> Any:
             resolved = [await a if isinstance(a, asyncio.Future) else a for a in args]
-            result = getattr(self.target, method)(*resolved)
+            result = getattr(self.target, method)(*resolved, **_traced(trace))
             return await result if inspect.isawaitable(result) else result
 
         return asyncio.ensure_future(invoke())
 
-    def stream(self, method: str, *args: Any, route: str = "", **kwargs: Any) -> StageStream:
+    def stream(self, method: str, *args: Any, route: str = "", trace: Trace = None, **kwargs: Any) -> StageStream:
         async def generate() -> AsyncIterator[Any]:
             resolved = [await a if isinstance(a, asyncio.Future) else a for a in args]
-            async for item in getattr(self.target, method)(*resolved, **kwargs):
+            async for item in getattr(self.target, method)(*resolved, **kwargs, **_traced(trace)):
                 yield item
 
         return _LocalStream(generate())
@@ -175,6 +187,7 @@ class ChainRunner:
         previous: Any = plan.input
         outputs: dict[str, Any] = {}  # labelled outputs, for later calls' Use(label) arguments
         done = 0  # steps of the plan's earlier passes: progress counts on across them
+        trace = tracing.carrier()  # the caller's span (None with tracing off): each stage's span is its child
 
         async def report(item: DenoiseProgress) -> None:
             assert on_progress is not None
@@ -185,10 +198,10 @@ class ChainRunner:
                 args = call.arguments(previous, outputs)
                 client = self.clients[call.stage]
                 if call.progress and on_progress is not None:
-                    previous = await self._stream(client, call, args, report, preview, pending)
+                    previous = await self._stream(client, call, args, report, preview, pending, trace)
                     done += call.steps
                 else:
-                    previous = client.call(call.method, *args, route=call.route)
+                    previous = client.call(call.method, *args, route=call.route, trace=trace)
                     pending.append(previous)
                 if call.label:
                     outputs[call.label] = previous
@@ -208,9 +221,10 @@ class ChainRunner:
         on_progress: OnProgress,
         preview: bool,
         pending: list[StageResponse | StageStream],
+        trace: Trace,
     ) -> Any:
         """Run a streaming step: progress items go to ``on_progress``; the last item is the step's output."""
-        stream = client.stream(f"{call.method}_stream", *args, route=call.route, preview=preview)
+        stream = client.stream(f"{call.method}_stream", *args, route=call.route, trace=trace, preview=preview)
         pending.append(stream)
         output: Any = None
         async for item in stream:

@@ -1,4 +1,5 @@
-"""What every stage deployment shares: the model versions it holds, rollouts, and one compute thread."""
+"""What every stage deployment shares: the model versions it holds, rollouts, one compute thread, and the span of
+each request (``traced``)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,37 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from models.errors import UnknownModelError
 from models.registry.errors import RegistryError
+from serving import tracing
 from serving.config import AppConfig, ModelCatalog, StageSpec
 from serving.env import SDSERVE_HOME
 from serving.metrics import GAUGE_REFRESH_S, StageMetrics
 from serving.stages import STAGES
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETIRE_CHECK_S = 2.0  # how often replaced versions are looked at for unloading
+
+
+@dataclass(eq=False)
+class Queued(Generic[T]):
+    """One request's item in a ``@serve.batch`` queue; once its batch runs, how long it waited and the batch's
+    size (for its span)."""
+
+    item: T
+    arrived: float = field(default_factory=time.perf_counter)
+    waited_s: float = 0.0
+    batch_size: int = 0
 
 
 class ReplicaStopping(Exception):
@@ -52,6 +70,7 @@ class StageReplica:
     def __init__(self, config: dict[str, Any]) -> None:
         from models.runtime import StageRuntime  # torch is imported inside the replica, never by the ingress
 
+        tracing.setup(self.kind)
         self.config = AppConfig.model_validate(config)
         self.stage = STAGES[self.kind]
         spec: StageSpec = getattr(self.config, self.kind)
@@ -209,22 +228,71 @@ class StageReplica:
     async def run_compute(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def run_batch(self, fn: Any, items: list[Any]) -> Any:
-        """Run a ``@serve.batch`` batch on the compute thread, recording its size and the queue left behind."""
-        self._waiting -= len(items)
-        self.metrics.set_queue_depth(max(self._waiting, 0))
-        self.metrics.observe_batch(len(items))
-        return await self.run_compute(fn, items)
+    async def run_traced(self, span: Span | None, fn: Any, *args: Any) -> Any:
+        """``run_compute``, noting on ``span`` how long the call waited for the compute thread."""
+        if span is None:
+            return await self.run_compute(fn, *args)
+        queued = time.perf_counter()
+        began: list[float] = []
 
-    async def submit_to_batch(self, batch_method: Any, item: Any) -> Any:
-        """Hand one request to a ``@serve.batch`` method; a per-request failure comes back as an exception."""
+        def timed() -> Any:
+            began.append(time.perf_counter())
+            return fn(*args)
+
+        try:
+            return await self.run_compute(timed)
+        finally:
+            if began:
+                tracing.annotate(span, queue_ms=round((began[0] - queued) * 1000, 3))
+
+    async def run_batch(self, fn: Any, queued: list[Queued[Any]]) -> Any:
+        """Run a ``@serve.batch`` batch on the compute thread (``fn`` gets the items), recording its size, the
+        queue left behind and each request's wait."""
+        now = time.perf_counter()
+        for entry in queued:
+            entry.waited_s, entry.batch_size = now - entry.arrived, len(queued)
+        self._waiting -= len(queued)
+        self.metrics.set_queue_depth(max(self._waiting, 0))
+        self.metrics.observe_batch(len(queued))
+        return await self.run_compute(fn, [entry.item for entry in queued])
+
+    async def submit_to_batch(self, batch_method: Any, item: Any, span: Span | None = None) -> Any:
+        """Hand one request to a ``@serve.batch`` method; a per-request failure comes back as an exception.
+        ``span``: the request's, which gets the batch's size and the time waited for it."""
+        queued = Queued(item)
         with self.metrics.request():
             self._waiting += 1
             self.metrics.set_queue_depth(self._waiting)
-            result = await batch_method(item)
+            result = await batch_method(queued)
+        tracing.annotate(span, batch_size=queued.batch_size, queue_ms=round(queued.waited_s * 1000, 3))
         if isinstance(result, Exception):
             raise result
         return result
+
+    # -- traces ---------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def traced(self, method: str, trace: Mapping[str, str] | None) -> Iterator[Span | None]:
+        """The span of one stage call, child of the caller's ``trace`` context; None when the call carries none
+        (tracing off at the ingress) or this process records no spans. An exception ends it with status ERROR."""
+        if trace is None:
+            yield None
+            return
+        with tracing.span(f"{self.kind} {method}", trace, attributes={"stage": self.kind}) as span:
+            yield span
+
+    def annotate_model(self, span: Span | None, name: str, pinned: str, loras: tuple[Any, ...] = ()) -> None:
+        """The model (or artifact) a call runs on, its version, and the adapters it applies."""
+        if span is None:
+            return
+        loaded = self.runtime.loaded.get(pinned)
+        tracing.annotate(
+            span,
+            model=name,
+            model_ref=pinned,
+            model_version=getattr(loaded, "version", None),
+            loras=[f"{a.name}:{a.scale:g}" for a in loras] or None,
+        )
 
     def describe(self) -> dict[str, Any]:
         """What this replica holds (device, dtype, per-model version, files, torch modules, fetch report)."""

@@ -3,13 +3,14 @@ encoding init images for image to image and inpainting."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from ray import serve
 
 from models.contracts import DecodeParams, EncodedImages, ImageEncodeParams, ImageLatents, Latents, Pixels
 from serving.config import AppConfig
-from serving.deployments.common import StageReplica
+from serving.deployments.common import Queued, StageReplica
 
 
 @serve.deployment(name="Decoder")
@@ -44,20 +45,29 @@ class DecoderDeployment(StageReplica):
 
     @serve.batch  # size and wait come from the stage's config, set in __init__
     async def _batch(
-        self, items: list[tuple[Latents, DecodeParams | None]]
+        self, items: list[Queued[tuple[Latents, DecodeParams | None]]]
     ) -> list[Pixels | EncodedImages | Exception]:
         results: list[Pixels | EncodedImages | Exception] = await self.run_batch(self._decode_all, items)
         return results
 
-    async def decode(self, latents: Latents, output: DecodeParams | None = None) -> Pixels | EncodedImages:
-        """Pixels for the next stage of the plan, or (``output`` set) the encoded image files."""
-        latents = self.pinned(latents, await self.resolve(latents.model, latents.ref))
-        result: Pixels | EncodedImages = await self.submit_to_batch(self._batch, (latents, output))
-        return result
+    async def decode(
+        self, latents: Latents, output: DecodeParams | None = None, trace: Mapping[str, str] | None = None
+    ) -> Pixels | EncodedImages:
+        """Pixels for the next stage of the plan, or (``output`` set) the encoded image files; ``trace``: the
+        caller's trace context (see ``serving.tracing``)."""
+        with self.traced("decode", trace) as span:
+            latents = self.pinned(latents, await self.resolve(latents.model, latents.ref))
+            self.annotate_model(span, latents.model, latents.ref)
+            result: Pixels | EncodedImages = await self.submit_to_batch(self._batch, (latents, output), span)
+            return result
 
-    async def encode_image(self, pixels: Pixels, params: ImageEncodeParams) -> ImageLatents:
+    async def encode_image(
+        self, pixels: Pixels, params: ImageEncodeParams, trace: Mapping[str, str] | None = None
+    ) -> ImageLatents:
         """The init image's latent distribution (and the masked image's, with a mask), on this replica's VAE."""
-        params = self.pinned(params, await self.resolve(params.model, params.ref))
-        stage = self.runtime.get(params.model, params.ref)
-        result: ImageLatents = await self.run_compute(stage.encode_image, pixels, params)
-        return result
+        with self.traced("encode_image", trace) as span:
+            params = self.pinned(params, await self.resolve(params.model, params.ref))
+            self.annotate_model(span, params.model, params.ref)
+            stage = self.runtime.get(params.model, params.ref)
+            result: ImageLatents = await self.run_traced(span, stage.encode_image, pixels, params)
+            return result

@@ -17,7 +17,7 @@ from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
-from serving import audit
+from serving import audit, tracing
 from serving.a1111 import A1111Api
 from serving.api import create_api
 from serving.auth import act_as, reset_principal
@@ -40,6 +40,7 @@ class IngressDeployment:
     def __init__(self, config: dict[str, Any], stages: dict[str, DeploymentHandle]) -> None:
         """``stages``: a handle per deployed stage of the stage table, by stage name."""
         self.config = AppConfig.model_validate(config)
+        tracing.setup("ingress")
         self.service = GenerationService.over_handles(self.config, stages)
         out = self.config.outputs
         self.outputs = open_output_store(out.directory, out.store, out.ttl_s)
@@ -76,13 +77,21 @@ class IngressDeployment:
     async def GenerateStream(
         self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[pb.GenerateEvent]:
-        try:
-            act_as(authenticate(self.service.keys, grpc_context.invocation_metadata()))
-            async for event in self.grpc.generate_stream(request):
-                yield event
-        except BaseException as exc:
-            set_status(grpc_context, exc)
-            raise
+        metadata = grpc_context.invocation_metadata()
+        with tracing.span("sdserve.v1.ImageGeneration/GenerateStream", tracing.grpc_carrier(metadata)) as span:
+            try:
+                act_as(authenticate(self.service.keys, metadata))
+                events = self.grpc.generate_stream(request)
+                # The job starts before the first event and its stage calls take the context current then; the
+                # span is not current across yields (a generator may be closed from another task).
+                with tracing.current(span):
+                    event = await anext(events, None)
+                while event is not None:
+                    yield event
+                    event = await anext(events, None)
+            except BaseException as exc:
+                set_status(grpc_context, exc)
+                raise
 
     async def GetJob(self, request: pb.GetJobRequest, grpc_context: RayServegRPCContext) -> pb.Job:
         return await self._unary(self.grpc.get_job, request, grpc_context)
@@ -106,22 +115,24 @@ class IngressDeployment:
         metadata = grpc_context.invocation_metadata()
         principal = None
         status = "OK"
-        try:
-            principal = authenticate(self.service.keys, metadata)
-            token = act_as(principal)
+        error: BaseException | None = None
+        carrier = tracing.grpc_carrier(metadata)
+        with tracing.span("sdserve.v1.ImageGeneration", carrier, make_current=True, record_errors=False) as span:
             try:
-                return await _unary(method(request), grpc_context)
+                principal = authenticate(self.service.keys, metadata)
+                token = act_as(principal)
+                try:
+                    return await _unary(method(request), grpc_context)
+                finally:
+                    reset_principal(token)
+            except BaseException as exc:
+                set_status(grpc_context, exc)
+                status = grpc_status(exc).name if isinstance(exc, ApiError) else type(exc).__name__
+                error = exc
+                raise
             finally:
-                reset_principal(token)
-        except BaseException as exc:
-            set_status(grpc_context, exc)
-            status = grpc_status(exc).name if isinstance(exc, ApiError) else type(exc).__name__
-            raise
-        finally:
-            audit.end(audit_token)
-            traceparent = next((str(v) for k, v in metadata if k.lower() == "traceparent"), None)
-            self.service.audit.write(
-                {
+                audit.end(audit_token)
+                entry = {
                     "tenant": principal.tenant if principal else None,
                     "key_id": principal.key_id if principal else None,
                     "api": "grpc",
@@ -129,10 +140,11 @@ class IngressDeployment:
                     "route": getattr(method, "__name__", "rpc"),
                     "status": status,
                     "latency_ms": round((time.perf_counter() - started) * 1000, 1),
-                    "trace_id": audit.trace_id(traceparent),
+                    "trace_id": tracing.trace_id(span) or audit.trace_id(carrier.get("traceparent")),
                     **fields,
                 }
-            )
+                self.service.audit.write(entry)
+                tracing.finish_request(span, entry, error)
 
     # -- gRPC (grpc.health.v1.Health) --------------------------------------------------------------------------
 

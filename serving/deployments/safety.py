@@ -10,6 +10,7 @@ the time it reaches the upscaler. On an uploaded image (A1111 extras) it checks 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from ray import serve
 
 from models.contracts import DecodeParams, EncodedImages, Pixels, SafetyParams
 from models.images import finish
+from serving import tracing
 from serving.deployments.common import StageReplica
 from serving.plans import StageCall
 
@@ -45,13 +47,20 @@ class SafetyDeployment(StageReplica):
         return finish(Pixels(array, pixels.model_version, flagged, flagged), output)
 
     async def check(
-        self, pixels: Pixels, params: SafetyParams, output: DecodeParams | None = None
+        self,
+        pixels: Pixels,
+        params: SafetyParams,
+        output: DecodeParams | None = None,
+        trace: Mapping[str, str] | None = None,
     ) -> Pixels | EncodedImages:
         """Check a request's images; encode them when this call ends the plan."""
-        ref = await self.resolve(params.checker, params.ref)
-        stage = self.runtime.get(params.checker, ref)
-        with self.metrics.request():
-            result: Pixels | EncodedImages = await self.run_compute(
-                self._check, stage, pixels, params.mode == "block", output
-            )
-            return result
+        with self.traced("check", trace) as span:
+            ref = await self.resolve(params.checker, params.ref)
+            self.annotate_model(span, params.checker, ref)
+            tracing.annotate(span, batch_size=len(pixels.array), mode=params.mode)
+            stage = self.runtime.get(params.checker, ref)
+            with self.metrics.request():
+                result: Pixels | EncodedImages = await self.run_traced(
+                    span, self._check, stage, pixels, params.mode == "block", output
+                )
+                return result

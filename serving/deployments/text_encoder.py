@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from ray import serve
@@ -9,7 +10,7 @@ from ray import serve
 from models.contracts import EncodeRequest, PromptEmbeddings
 from serving.config import AppConfig
 from serving.deployments.adapters import AdapterAffinity, adapter_support, lora_options
-from serving.deployments.common import StageReplica
+from serving.deployments.common import Queued, StageReplica
 
 TextAdapters = tuple[tuple[str, int, float], ...]  # (pinned reference, slot, scale), as the stage takes them
 
@@ -45,19 +46,24 @@ class TextEncoderDeployment(AdapterAffinity, StageReplica):
         return results
 
     @serve.batch  # size and wait come from the stage's config, set in __init__
-    async def _batch(self, items: list[tuple[EncodeRequest, TextAdapters]]) -> list[PromptEmbeddings | Exception]:
+    async def _batch(
+        self, items: list[Queued[tuple[EncodeRequest, TextAdapters]]]
+    ) -> list[PromptEmbeddings | Exception]:
         results: list[PromptEmbeddings | Exception] = await self.run_batch(self._encode_all, items)
         return results
 
-    async def encode(self, request: EncodeRequest) -> PromptEmbeddings:
-        request = self.pinned(request, await self.resolve(request.model, request.ref))
-        stage = self.runtime.get(request.model, request.ref)
-        await self.register_route()
-        # The text-encoder layers of the request's adapters, in slots while it is encoded (a cached embedding
-        # is keyed by them, so a hit costs no slot copy beyond the first).
-        async with self.adapters.slots(stage, request.loras) as slots:
-            result: PromptEmbeddings = await self.submit_to_batch(self._batch, (request, tuple(slots)))
-        return result
+    async def encode(self, request: EncodeRequest, trace: Mapping[str, str] | None = None) -> PromptEmbeddings:
+        """The prompt's embeddings; ``trace``: the caller's trace context (see ``serving.tracing``)."""
+        with self.traced("encode", trace) as span:
+            request = self.pinned(request, await self.resolve(request.model, request.ref))
+            self.annotate_model(span, request.model, request.ref, request.loras)
+            stage = self.runtime.get(request.model, request.ref)
+            await self.register_route()
+            # The text-encoder layers of the request's adapters, in slots while it is encoded (a cached embedding
+            # is keyed by them, so a hit costs no slot copy beyond the first).
+            async with self.adapters.slots(stage, request.loras) as slots:
+                result: PromptEmbeddings = await self.submit_to_batch(self._batch, (request, tuple(slots)), span)
+            return result
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
 from models.contracts import DecodeParams, EncodedImages, Pixels, UpscaleParams
 from models.images import finish
+from serving import tracing
 from serving.config import AppConfig
 from serving.deployments.common import StageReplica
 from serving.plans import StageCall
@@ -47,20 +49,27 @@ class UpscalerDeployment(StageReplica):
         return finish(Pixels(array, pixels.model_version, pixels.flagged, pixels.withheld), output)
 
     async def upscale(
-        self, pixels: Pixels, params: UpscaleParams, output: DecodeParams | None = None
+        self,
+        pixels: Pixels,
+        params: UpscaleParams,
+        output: DecodeParams | None = None,
+        trace: Mapping[str, str] | None = None,
     ) -> Pixels | EncodedImages:
         """Upscale a request's images by ``params.factor``; encode them when this call ends the plan."""
-        ref = await self.resolve(params.upscaler, params.ref)
-        stage = self.runtime.get(params.upscaler, ref)
-        # Cancelling this call does not stop the compute thread by itself: the event makes the upscale stop
-        # before its next forward pass, so a request that went away frees the replica early.
-        stop = threading.Event()
-        with self.metrics.request():
-            try:
-                result: Pixels | EncodedImages = await self.run_compute(
-                    self._upscale, stage, pixels, params.factor, stop, output
-                )
-            except asyncio.CancelledError:
-                stop.set()
-                raise
-            return result
+        with self.traced("upscale", trace) as span:
+            ref = await self.resolve(params.upscaler, params.ref)
+            self.annotate_model(span, params.upscaler, ref)
+            tracing.annotate(span, batch_size=len(pixels.array), factor=params.factor)
+            stage = self.runtime.get(params.upscaler, ref)
+            # Cancelling this call does not stop the compute thread by itself: the event makes the upscale stop
+            # before its next forward pass, so a request that went away frees the replica early.
+            stop = threading.Event()
+            with self.metrics.request():
+                try:
+                    result: Pixels | EncodedImages = await self.run_traced(
+                        span, self._upscale, stage, pixels, params.factor, stop, output
+                    )
+                except asyncio.CancelledError:
+                    stop.set()
+                    raise
+                return result

@@ -66,6 +66,9 @@ def test_deployment_options_fixed_and_autoscaled() -> None:
     assert "num_replicas" not in scaled
     assert scaled["autoscaling_config"]["min_replicas"] == 0
     assert scaled["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0, "resources": {"g": 1.0}}
+    # A deployment's own environment variables reach its replicas through Ray's runtime_env.
+    traced = deployment_options("X", DeploymentSpec.model_validate({"env": {"OTEL_SERVICE_NAME": "x"}}))
+    assert traced["ray_actor_options"]["runtime_env"] == {"env_vars": {"OTEL_SERVICE_NAME": "x"}}
 
 
 def test_render_serve_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
