@@ -21,7 +21,8 @@ BATCH_BUCKETS = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0]
 
 
 class StageMetrics:
-    """Queue depth, ongoing requests, replica presence, batch sizes and latency of one stage replica."""
+    """Queue depth, ongoing requests, replica presence, models that failed to load, batch sizes and latency of one
+    stage replica."""
 
     def __init__(self, stage: str) -> None:
         self.tags = {"stage": stage}
@@ -35,6 +36,12 @@ class StageMetrics:
         )
         self.replicas = Gauge(
             "sdserve_stage_replicas", description="1 per live replica; sum by stage for the count.", tag_keys=("stage",)
+        )
+        self.load_errors = Gauge(
+            "sdserve_model_load_errors",
+            description="Configured models or artifacts the replica failed to load (a previous version, if any, "
+            "still serves; /readyz lists the errors).",
+            tag_keys=("stage",),
         )
         self.batch_size = Histogram(
             "sdserve_stage_batch_size",
@@ -50,6 +57,7 @@ class StageMetrics:
         )
         self._ongoing = 0
         self._queue_depth = 0
+        self._load_errors = 0
         self.refresh()
 
     def refresh(self) -> None:
@@ -59,6 +67,11 @@ class StageMetrics:
         self.replicas.set(1, tags=self.tags)
         self.ongoing.set(self._ongoing, tags=self.tags)
         self.queue_depth.set(self._queue_depth, tags=self.tags)
+        self.load_errors.set(self._load_errors, tags=self.tags)
+
+    def set_load_errors(self, count: int) -> None:
+        self._load_errors = count
+        self.load_errors.set(count, tags=self.tags)
 
     def set_queue_depth(self, depth: int) -> None:
         self._queue_depth = depth

@@ -159,6 +159,7 @@ class StageReplica:
             del self.active[name]
         for name in [n for n in self.load_errors if n not in self.catalog]:
             del self.load_errors[name]  # no longer configured: no longer a reason to be degraded
+        self.metrics.set_load_errors(len(self.load_errors))
         return True
 
     async def ensure_loaded(self, name: str, ref: str) -> str:

@@ -182,3 +182,15 @@ def test_an_artifact_that_fails_verification_is_refused_and_the_rest_keeps_servi
             assert ok.status_code == 200, ok.text
             refused = http.post("/v1/images/generations", json={"prompt": "x", "upscale": {"model": "broken"}})
             assert (refused.status_code, refused.json()["error"]["code"]) == (503, "model_unavailable"), refused.text
+
+        # The upscaler replica exports the failed artifact as a metric (the chart's degraded alert reads it).
+        def load_errors() -> float | None:
+            labels = ('application="degraded"', 'stage="upscaler"')
+            for line in httpx.get(live.metrics_url, timeout=10).text.splitlines():
+                if line.startswith("ray_sdserve_model_load_errors{") and all(label in line for label in labels):
+                    return float(line.rsplit(" ", 1)[1])
+            return None
+
+        while load_errors() != 1:
+            assert time.monotonic() < deadline, load_errors()
+            time.sleep(0.5)
