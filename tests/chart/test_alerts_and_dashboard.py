@@ -127,6 +127,9 @@ def test_each_alert_fires_on_its_condition(tmp_path: Path) -> None:
         # The Denoiser deployment cannot start replicas (DEPLOY_FAILED); the Decoder is HEALTHY.
         series("ray_serve_deployment_status", "1x20", deployment="Denoiser"),
         series("ray_serve_deployment_status", "6x20", deployment="Decoder"),
+        # An upscaler replica failed to load one of its artifacts (the others serve); the decoder's loaded all.
+        series("ray_sdserve_model_load_errors", "1x20", stage="upscaler", replica="u1"),
+        series("ray_sdserve_model_load_errors", "0x20", stage="decoder", replica="v1"),
     ]
     warning = {"severity": "warning"}
     alerts = [
@@ -134,7 +137,7 @@ def test_each_alert_fires_on_its_condition(tmp_path: Path) -> None:
         ("SdserveHttpErrorRatioHigh", [STAGE]),
         ("SdserveLatencyP99High", [STAGE | slow]),
         ("SdserveReplicasFlapping", [STAGE | {"stage": "text_encoder"}]),
-        ("SdserveModelVersionDegraded", [STAGE | {"deployment": "Denoiser"}]),
+        ("SdserveModelVersionDegraded", [STAGE | {"deployment": "Denoiser"}, STAGE | {"stage": "upscaler"}]),
     ]
     assert sorted(name for name, _ in alerts) == sorted(rule["alert"] for rule in groups[0]["rules"])
     tests = {

@@ -515,3 +515,44 @@ def test_notes_warn_when_the_service_is_open() -> None:
     assert "Authorization" not in open_notes
     keyed = notes(VALUES_SETS["minimal-values"])
     assert "Authorization: Bearer" in keyed and "sdserve-api-keys" in keyed and "open to anyone" not in keyed
+
+
+def test_tracing_values_become_otel_env_of_every_ray_container() -> None:
+    """`tracing.endpoint` set: every Ray container (head and each worker group) gets the standard OTEL_* variables;
+    unset (the default): none, so the service records no spans."""
+
+    def ray_containers(docs: list[dict]) -> list[dict]:
+        (service,) = [d for d in docs if d["kind"] == "RayService"]
+        cluster = service["spec"]["rayClusterConfig"]
+        specs = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+        return [c for spec in specs for c in spec["template"]["spec"]["containers"]]
+
+    def otel(container: dict) -> dict[str, object]:
+        return {
+            e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"] if e["name"].startswith("OTEL_")
+        }
+
+    assert all(otel(c) == {} for c in ray_containers(render(VALUES_SETS["default"])))
+    tracing = {
+        "endpoint": "http://otel-collector.observability:4318",
+        "sampler": "parentbased_traceidratio",
+        "samplerArg": "0.25",
+        "resourceAttributes": {"deployment.environment": "prod", "team": "images"},
+        "existingSecret": "otlp-auth",
+    }
+    containers = ray_containers(render(VALUES_SETS["default"], sets=[f"tracing={json.dumps(tracing)}"]))
+    assert len(containers) >= 2
+    for container in containers:
+        assert otel(container) == {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability:4318",
+            "OTEL_SERVICE_NAME": "sdserve",
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.25",
+            "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod,team=images",
+            "OTEL_EXPORTER_OTLP_HEADERS": {"secretKeyRef": {"name": "otlp-auth", "key": "headers"}},
+        }
+    # Not a URL: the schema refuses it before anything renders.
+    refused = helm(
+        "template", "x", str(CHART), "-f", str(CHART_DEFAULTS), "--set", "tracing.endpoint=c:4318", check=False
+    )
+    assert refused.returncode != 0 and "tracing" in refused.stderr

@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 # The chart's rules with their defaults, and a second group whose latency alert has a zero threshold and no `for`:
 # it fires as soon as Prometheus has two scrapes of a request's latency, which proves the rules see live data.
 PROBE = {"latencyP99": {"seconds": 0, "for": "0m"}, "alertLabels": {"probe": "zero-threshold"}}
+STAGES = {"text_encoder", "denoiser", "decoder", "safety", "upscaler"}  # the live app deploys all five
 DEADLINE_S = 45.0  # Ray's metrics agent re-exports every few seconds; Prometheus scrapes and evaluates every 1 s
 
 
@@ -163,6 +164,15 @@ def test_rules_evaluate_on_the_scraped_service(live: LiveService, prometheus: Pr
     wait_until(lambda: in_prometheus() == names, lambda: f"missing in Prometheus: {names - in_prometheus()}")
     assert names <= scraped_names(live)
 
+    # Every stage replica reports how many of its models and artifacts failed to load (none here): the degraded
+    # alert reads zeros, not missing series. (Other tests' applications, some degraded on purpose, may be there.)
+    def load_errors() -> dict[str, str]:
+        query = f'ray_sdserve_model_load_errors{{application="{live.config.app_name}"}}'
+        return {r["metric"]["stage"]: r["value"][1] for r in prometheus.query(query)}
+
+    wait_until(lambda: set(load_errors()) == STAGES, load_errors)
+    assert set(load_errors().values()) == {"0"}
+
     def rules() -> list[dict]:
         return [r for g in prometheus.get("/api/v1/rules")["groups"] for r in g["rules"]]
 
@@ -205,7 +215,7 @@ def test_dashboard_queries_run_on_the_scraped_service(live: LiveService, prometh
             expr = expr.replace(variable, value)
         return prometheus.query(expr)
 
-    stages = {"text_encoder", "denoiser", "decoder", "safety", "upscaler"}  # the live app deploys all five
+    stages = STAGES
     (queue_depth,) = [expr for title, expr in targets if title == "Queue depth by stage"]
 
     def stages_shown() -> set[str]:

@@ -230,9 +230,41 @@ is stale), so every setting the user leaves out appears with the application's d
   valueFrom:
     secretKeyRef: {name: {{ . }}, key: AWS_SECRET_ACCESS_KEY}
 {{- end }}
+{{- with .Values.tracing }}
+{{- if .endpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ .endpoint | quote }}
+- name: OTEL_SERVICE_NAME
+  value: {{ .serviceName | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ .sampler | quote }}
+{{- with .samplerArg }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ . | quote }}
+{{- end }}
+{{- with .resourceAttributes }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ include "sdserve.keyValues" . | quote }}
+{{- end }}
+{{- with .existingSecret }}
+- name: OTEL_EXPORTER_OTLP_HEADERS
+  valueFrom:
+    secretKeyRef: {name: {{ . }}, key: {{ $.Values.tracing.headersKey }}}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
+{{- end }}
+
+{{/* A map as `k1=v1,k2=v2` in key order (OTEL_RESOURCE_ATTRIBUTES). */}}
+{{- define "sdserve.keyValues" -}}
+{{- $pairs := list }}
+{{- range $k, $v := . }}
+{{- $pairs = append $pairs (printf "%s=%v" $k $v) }}
+{{- end }}
+{{- join "," $pairs }}
 {{- end }}
 
 {{/* The ConfigMap of style preset files, or "" when there is none. */}}
