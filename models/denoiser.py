@@ -140,7 +140,7 @@ class DenoiserStage:
                 self.unet, UNET_TARGETS, lora_slots, lora_max_rank, loras_per_request, rows, component="UNet"
             )
             self.loras.rows.always_on = self.graphs is not None
-            self.loras.rows.set([])
+            self.loras.set_rows([])
         config_file = snapshot.component_dir("scheduler") / "scheduler_config.json"
         self.scheduler_config: dict[str, Any] = json.loads(config_file.read_text())
         self.vae_scale_factor = snapshot.family.vae_scale_factor
@@ -323,7 +323,7 @@ class DenoiserStage:
         sample, steps, states = torch.cat(inputs), torch.cat(timesteps), torch.cat(hidden)
         cond = torch.cat(conds) if conds else None
         if self.loras is not None:
-            self.loras.rows.set(rows)
+            self.loras.set_rows(rows)
         elif any(rows):
             raise ValueError("adapters need lora_slots")
         if self.graphs is not None:

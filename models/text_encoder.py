@@ -177,7 +177,7 @@ class TextEncoderStage:
             input_ids = torch.tensor(chunks, dtype=torch.long, device=self.device)
             adapters = entry[0]
             if self.loras is not None:
-                self.loras.rows.set([tuple((slot, scale) for _, slot, scale in adapters)] * len(chunks))
+                self.loras.set_rows([tuple((slot, scale) for _, slot, scale in adapters)] * len(chunks))
             elif adapters:
                 raise ValueError("text-encoder adapters need lora_slots")
             z = self.text_encoder(input_ids)[0]

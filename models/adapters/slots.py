@@ -9,8 +9,11 @@ different adapters, or none, share one forward pass (the gathered-matmul idea of
 
 Nothing about a call is a Python-level shape or branch: the buffers never move or change size, a call's
 row-to-slot table is copied into a static buffer, so a CUDA graph captured once stays valid whatever adapters the
-rows use and whatever is loaded into the slots later (``always_on``). On the CPU, a call whose rows use no adapter
-skips the extra matmuls.
+rows use and whatever is loaded into the slots later (``always_on``; it then computes every slot's full
+``max_rank``, so set ``lora.max_rank`` to the largest rank served). Eager calls read only the ranks and the number
+of adapters per row that the call's rows use (a rank-16 adapter in rank-64 slots costs a quarter), and a call
+whose rows use no adapter skips the extra matmuls. On two CPU cores one gathered batched matmul per layer beat a
+loop over runs of rows sharing adapters (0.85x vs 0.69x of a plain UNet call, 8 rank-16 adapters, bench model).
 
 ``LoraBank`` owns the slots: which adapter is in which, an LRU among slots no running job uses, and the checks
 that an adapter fits this model (modules, shapes, rank). It is not thread-safe: the stage's one compute thread
@@ -46,9 +49,14 @@ class LoraRows:
         self.per_row = per_row
         self.active = False  # some row uses an adapter (or always_on): the layers add their deltas
         self.always_on = False
+        # How much of the slots this call reads: the most adapters a row combines, the highest rank among them.
+        # Under graphs (always_on) everything, so the captured shapes never change.
+        self.used_per_row = per_row
+        self.used_rank = 0
 
-    def set(self, rows: Sequence[RowAdapters]) -> None:
-        """Fill the table for a call whose row ``i`` uses ``rows[i]`` (rows past the end, a graph's padding, none)."""
+    def set(self, rows: Sequence[RowAdapters], ranks: Sequence[int], max_rank: int) -> None:
+        """Fill the table for a call whose row ``i`` uses ``rows[i]`` (rows past the end, a graph's padding, none);
+        ``ranks[slot]``: the rank of the adapter in each slot."""
         if len(rows) > self.index.shape[0]:
             raise ValueError(f"{len(rows)} rows, but the adapter table holds {self.index.shape[0]}")
         index = torch.zeros(self.index.shape, dtype=torch.long)
@@ -57,6 +65,11 @@ class LoraRows:
             for k, (slot, weight) in enumerate(adapters):
                 index[i, k], scale[i, k] = slot, weight
         self.active = self.always_on or any(rows)
+        if self.always_on:
+            self.used_per_row, self.used_rank = self.per_row, max_rank
+        else:  # eager: skip the zero padding (a rank-16 adapter in rank-64 slots costs a quarter)
+            self.used_per_row = max((len(a) for a in rows), default=0)
+            self.used_rank = max((ranks[slot] for a in rows for slot, _ in a), default=0)
         if self.active:  # in place: a captured graph reads these very buffers
             self.index.copy_(index)
             self.scale.copy_(scale)
@@ -82,15 +95,18 @@ class SlottedLayer(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y: torch.Tensor = self.base(x)
-        if not self.rows.active:
+        rows = self.rows
+        if not rows.active:
             return y
-        n = x.shape[0]
-        index, scale = self.rows.index[:n], self.rows.scale[:n]
-        down: torch.Tensor = self.down[index]  # (n, k, r, in)
-        up: torch.Tensor = self.up[index] * scale[:, :, None, None]  # (n, k, out, r)
+        n, k, r = x.shape[0], rows.used_per_row, rows.used_rank
+        index, scale = rows.index[:n, :k], rows.scale[:n, :k]
+        # Each row's own matrices, gathered: (n, k*r, in) and (n, k*r, out); two batched matmuls per layer.
+        down = self.down[index, :r].reshape(n, k * r, self.in_features)
+        up = self.up[index, :, :r].transpose(2, 3).reshape(n, k * r, self.out_features)
         flat = x.flatten(2).transpose(1, 2) if self.conv else x.reshape(n, -1, self.in_features)
-        hidden = torch.einsum("nli,nkri->nklr", flat, down)
-        delta = torch.einsum("nklr,nkor->nlo", hidden, up)
+        hidden = torch.bmm(flat, down.transpose(1, 2))  # (n, L, k*r)
+        hidden = (hidden.view(n, -1, k, r) * scale[:, None, :, None]).view(n, -1, k * r)
+        delta = torch.bmm(hidden, up)  # (n, L, out)
         if self.conv:
             return y + delta.transpose(1, 2).reshape(y.shape)
         return y + delta.reshape(y.shape)
@@ -161,6 +177,7 @@ class LoraBank:
         self.slots = slots
         self.max_rank = max_rank
         self.resident: OrderedDict[str, int] = OrderedDict()  # adapter key -> slot, least recently used first
+        self.ranks = [0] * (slots + 1)  # slot -> rank of the adapter in it
         self.users: dict[int, int] = {}  # slot -> jobs using it
         self.copies = 0  # adapters copied into a slot (a miss); hits cost nothing
 
@@ -202,11 +219,16 @@ class LoraBank:
             slot = self._free_slot()
             for name, target in self.layers.items():
                 target.load(slot, layers.get(name))
+            self.ranks[slot] = max((layer.rank for layer in layers.values()), default=0)
             self.resident[key] = slot
             self.copies += 1
         self.resident.move_to_end(key)
         self.users[slot] = self.users.get(slot, 0) + 1
         return slot
+
+    def set_rows(self, rows: Sequence[RowAdapters]) -> None:
+        """The adapters each row of the next forward pass uses (see ``LoraRows.set``)."""
+        self.rows.set(rows, self.ranks, self.max_rank)
 
     def acquire_all(self, adapters: list[tuple[str, dict[str, LoraLayer]]]) -> list[int]:
         """``acquire`` each of a request's adapters, or none: a request never holds some slots while it waits for
