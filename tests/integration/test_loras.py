@@ -143,3 +143,44 @@ def test_replicas_hold_the_adapter_sets_they_served(live: LiveService) -> None:
         assert {a["ref"] for a in body["loras"]} <= set(loras["host_adapters"]), name
     resident = next(iter(stages["denoiser"]["loras"]["slots"].values()))["resident"]
     assert {a["ref"] for a in body["loras"]} <= set(resident)
+
+
+def test_jobs_with_different_adapters_run_in_the_same_unet_calls(live: LiveService) -> None:
+    """Four jobs with four adapter sets (one with none): once all four are between their first and last step they
+    are in the denoiser's running batch together, and every UNet call from then on holds all of them (the step
+    batcher puts every running job of one shape into the call); each result equals its solo run."""
+    import time
+
+    sets: list[list[dict[str, Any]] | None] = [
+        None,
+        [{"name": "ink"}],
+        [{"name": "paper", "scale": 0.7}],
+        [{"name": "grain"}, {"name": "ink", "scale": 0.4}],
+    ]
+    steps = 40
+    body = {"prompt": "a tin robot", "steps": steps, "seed": 3}
+    with live.client() as client:
+        ids = [client.post("/v1/jobs", json={**body, "loras": s}).json()["id"] for s in sets]
+        deadline = time.monotonic() + 120
+        together = False
+        while not together and time.monotonic() < deadline:
+            jobs = [client.get(f"/v1/jobs/{i}").json() for i in ids]
+            done = [j["progress"]["step"] for j in jobs]
+            together = all(0 < s < steps for s in done)
+            if any(j["state"] in ("succeeded", "failed", "cancelled") for j in jobs):
+                break
+            time.sleep(0.02)
+        assert together, f"the four jobs were never running at once: steps {done}"
+        results = []
+        for job_id in ids:
+            while (job := client.get(f"/v1/jobs/{job_id}").json())["state"] in ("queued", "running"):
+                assert time.monotonic() < deadline + 60
+                time.sleep(0.1)
+            assert job["state"] == "succeeded", job
+            image = client.get(job["result"]["data"][0]["url"])
+            results.append(np.asarray(Image.open(io.BytesIO(image.content)).convert("RGB")).astype(int))
+        denoiser = client.get("/readyz").json()["stages"]["denoiser"]
+    assert denoiser["recent_batch_sizes"]["max"] >= len(sets)
+    for loras, shared in zip(sets, results, strict=True):
+        alone = pixels(generate(live, loras=loras, **body)["data"][0]["b64_json"])
+        assert np.abs(alone - shared).max() <= 1
