@@ -14,10 +14,10 @@ from models.adapters.slots import UNET_TARGETS
 from models.contracts import DenoiseParams, EncodeRequest
 from models.decoder import DecoderStage
 from models.denoiser import DenoiserStage
-from models.schedulers import create_scheduler
 from models.snapshot import open_snapshot
 from models.testmodels import create_test_lora
 from models.text_encoder import TextEncoderStage
+from tests.unit.test_stages_match_diffusers import run_reference
 
 CPU = torch.device("cpu")
 PROMPT = "a watercolor fox in a snowy forest"
@@ -81,19 +81,7 @@ def reference(
         names.append(f"a{i}")
     if names:
         pipe.set_adapters(names, [scale for _, scale in files])
-    pipe.scheduler = create_scheduler(params.scheduler, dict(pipe.scheduler.config))
-    out = pipe(
-        PROMPT,
-        negative_prompt=negative,
-        height=params.height,
-        width=params.width,
-        num_inference_steps=params.steps,
-        guidance_scale=params.guidance_scale,
-        num_images_per_prompt=params.num_images,
-        generator=torch.Generator("cpu").manual_seed(params.seed),
-        output_type="np",
-    ).images
-    return (out * 255).round().astype("uint8")
+    return run_reference(pipe, PROMPT, negative, params)
 
 
 @pytest.mark.parametrize(
