@@ -198,8 +198,8 @@ def finish_request(target: Span | None, entry: Mapping[str, Any], exc: BaseExcep
     status = entry.get("status")
     if entry.get("api") == "http":
         target.update_name(f"{entry.get('method')} {entry.get('route')}")
-        annotate(target, **{"http.request.method": entry.get("method"), "http.route": entry.get("route")})
-        annotate(target, **{"http.response.status_code": status})
+        http = {"http.request.method": entry.get("method"), "http.route": entry.get("route")}
+        annotate(target, **http, **{"http.response.status_code": status})
         failed = isinstance(status, int) and status >= 500
     else:
         target.update_name(f"sdserve.v1.ImageGeneration/{entry.get('route')}")
