@@ -91,6 +91,7 @@ bench: venv
 	$(BIN)/python -m benchmarks.upscale_safety --out benchmarks/results --report BENCHMARKS.md
 	$(BIN)/python -m benchmarks.img2img --out benchmarks/results --report BENCHMARKS.md
 	$(BIN)/python -m benchmarks.loras --out benchmarks/results --report BENCHMARKS.md
+	$(BIN)/python -m benchmarks.auth_overhead --out benchmarks/results --report BENCHMARKS.md
 	$(BIN)/python -m benchmarks.fairness --out benchmarks/results/fairness.json
 
 # The same comparison on a CUDA machine: exact SD1.5 architecture, 512x512, 25 steps, fp16.
