@@ -67,6 +67,15 @@ class DenoiserDeployment(AdapterAffinity, StageReplica):
             batch_size=self._last_step_images,
         )
 
+    async def _prepare(self, span: Span | None, params: DenoiseParams) -> tuple[DenoiseParams, Any]:
+        """The request pinned to the model version it runs on, and that version's stage (loaded if need be); its
+        adapter set registered with the router."""
+        params = self.pinned(params, await self.resolve(params.model, params.ref))
+        self._annotate(span, params)
+        stage = self.runtime.get(params.model, params.ref)
+        await self.register_route()
+        return params, stage
+
     def _annotate(self, span: Span | None, params: DenoiseParams) -> None:
         self.annotate_model(span, params.model, params.ref, params.loras)
         tracing.annotate(
@@ -90,10 +99,7 @@ class DenoiserDeployment(AdapterAffinity, StageReplica):
         pass), None for text to image; ``trace``: the caller's trace context (see ``serving.tracing``)."""
         arrived = time.perf_counter()
         with self.traced("denoise", trace) as span:
-            params = self.pinned(params, await self.resolve(params.model, params.ref))
-            self._annotate(span, params)
-            stage = self.runtime.get(params.model, params.ref)
-            await self.register_route()
+            params, stage = await self._prepare(span, params)
             reported: list[DenoiseProgress] = []
 
             def on_progress(item: DenoiseProgress) -> None:
@@ -124,10 +130,7 @@ class DenoiserDeployment(AdapterAffinity, StageReplica):
         """
         arrived = time.perf_counter()
         with self.traced("denoise", trace) as span:
-            params = self.pinned(params, await self.resolve(params.model, params.ref))
-            self._annotate(span, params)
-            stage = self.runtime.get(params.model, params.ref)
-            await self.register_route()
+            params, stage = await self._prepare(span, params)
             # Closed at once when the caller cancels the stream (not whenever it is garbage-collected), so the job
             # leaves the batch before its next step.
             with self.metrics.request():

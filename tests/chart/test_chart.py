@@ -556,3 +556,13 @@ def test_tracing_values_become_otel_env_of_every_ray_container() -> None:
         "template", "x", str(CHART), "-f", str(CHART_DEFAULTS), "--set", "tracing.endpoint=c:4318", check=False
     )
     assert refused.returncode != 0 and "tracing" in refused.stderr
+
+
+def test_lora_catalog_is_every_deployments_user_config() -> None:
+    """`config.loras` travels as user_config (changed without restarts), like the other catalog sections; the
+    adapter settings are args."""
+    lora = {"name": "ink", "source": "s3://models/loras/ink@v3"}
+    docs = render(VALUES_SETS["default"], sets=[f"config.loras=[{json.dumps(lora)}]", "config.lora.slots=4"])
+    app = serve_config_of(docs)["applications"][0]
+    assert all(d["user_config"]["loras"] == [lora | {"description": ""}] for d in app["deployments"])
+    assert "loras" not in app["args"] and app["args"]["lora"]["slots"] == 4
