@@ -28,6 +28,22 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+def a1111_client(url: str, key: str, body: dict[str, object]) -> None:
+    """The ``webuiapi`` library, as A1111 users script it: ``set_auth`` with the key as password; a wrong one is
+    refused."""
+    import webuiapi
+
+    api = webuiapi.WebUIApi(baseurl=f"{url}/sdapi/v1", sampler="Euler", steps=2)
+    api.set_auth("user", key)
+    result = api.txt2img(prompt=str(body["prompt"]), width=64, height=64, seed=5, cfg_scale=5)
+    assert result.image is not None and result.image.size == (64, 64)
+    assert result.info["seed"] == 5
+    api.set_auth("user", "sds_wrong")
+    with pytest.raises(RuntimeError) as refused:
+        api.txt2img(prompt="x", width=64, height=64)
+    assert refused.value.args[0] == 401
+
+
 def test_keys_and_tenants(live: LiveService, tmp_path: Path) -> None:
     from openai import AuthenticationError, OpenAI
 
@@ -83,6 +99,7 @@ def test_keys_and_tenants(live: LiveService, tmp_path: Path) -> None:
         unauth = http.post("/sdapi/v1/txt2img", json=body)
         assert unauth.status_code == 401 and unauth.headers["www-authenticate"].startswith("Basic")
         assert http.post("/sdapi/v1/txt2img", json=body, auth=("user", KEY_B)).status_code == 200
+        a1111_client(url, KEY_B, body)
 
         # Rotation without a restart: a new key works once the file changes, a removed one stops working.
         write_keys(keys, ("a", "team-a", KEY_A), ("c", "team-c", KEY_C))
