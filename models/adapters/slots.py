@@ -16,8 +16,11 @@ whose rows use no adapter skips the extra matmuls. On two CPU cores one gathered
 loop over runs of rows sharing adapters (0.85x vs 0.69x of a plain UNet call, 8 rank-16 adapters, bench model).
 
 ``LoraBank`` owns the slots: which adapter is in which, an LRU among slots no running job uses, and the checks
-that an adapter fits this model (modules, shapes, rank). It is not thread-safe: the stage's one compute thread
-calls it, between forward passes, so a copy never races a call.
+that an adapter fits this model (modules, shapes, rank). Its bookkeeping (``reserve``, ``release``) is meant for
+one thread (a replica's event loop), so a request whose adapters are resident never waits for the compute
+thread; only ``fill`` and ``set_rows`` touch tensors, on the compute thread between forward passes, so a copy never
+races a call. A fill is submitted before any later request's work, so a request that finds an adapter resident
+while its copy is still queued runs after the copy.
 """
 
 from __future__ import annotations
@@ -206,42 +209,65 @@ class LoraBank:
                     "loras",
                 )
 
-    def acquire(self, key: str, layers: dict[str, LoraLayer]) -> int:
-        """The slot holding adapter ``key`` (copied into a free or least recently used idle slot if not resident),
-        counted as used until ``release``.
+    def reserve(self, key: str, layers: dict[str, LoraLayer]) -> tuple[int, bool]:
+        """Bookkeeping only: the slot for adapter ``key``, counted as used until ``release``, and whether its
+        matrices still have to be copied in (``fill``) -- a free slot, or the least recently used idle one.
 
         Raises:
             SlotsBusy: every slot holds an adapter in use.
+            AdapterError: the adapter does not fit this model (``check``).
         """
         slot = self.resident.get(key)
+        fresh = slot is None
         if slot is None:
             self.check(key, layers)
             slot = self._free_slot()
-            for name, target in self.layers.items():
-                target.load(slot, layers.get(name))
-            self.ranks[slot] = max((layer.rank for layer in layers.values()), default=0)
             self.resident[key] = slot
-            self.copies += 1
         self.resident.move_to_end(key)
         self.users[slot] = self.users.get(slot, 0) + 1
+        return slot, fresh
+
+    def reserve_all(self, adapters: list[tuple[str, dict[str, LoraLayer]]]) -> list[tuple[int, bool]]:
+        """``reserve`` each of a request's adapters, or none: a request never holds some slots while it waits for
+        the others (two requests doing that could wait on each other forever)."""
+        taken: list[tuple[int, bool]] = []
+        try:
+            for key, layers in adapters:
+                taken.append(self.reserve(key, layers))
+        except BaseException:
+            for (slot, fresh), (key, _) in zip(taken, adapters, strict=False):
+                self.release(slot)
+                if fresh:
+                    self.forget(key)
+            raise
+        return taken
+
+    def fill(self, slot: int, layers: dict[str, LoraLayer]) -> None:
+        """Copy an adapter's matrices into its reserved slot (tensor work: between forward passes)."""
+        for name, target in self.layers.items():
+            target.load(slot, layers.get(name))
+        self.ranks[slot] = max((layer.rank for layer in layers.values()), default=0)
+        self.copies += 1
+
+    def forget(self, key: str) -> None:
+        """Drop ``key``'s residency (its copy failed): the next request copies it again."""
+        self.resident.pop(key, None)
+
+    def acquire(self, key: str, layers: dict[str, LoraLayer]) -> int:
+        """``reserve`` and, if needed, ``fill`` in one call (for callers on the compute thread)."""
+        slot, fresh = self.reserve(key, layers)
+        if fresh:
+            try:
+                self.fill(slot, layers)
+            except BaseException:
+                self.release(slot)
+                self.forget(key)
+                raise
         return slot
 
     def set_rows(self, rows: Sequence[RowAdapters]) -> None:
         """The adapters each row of the next forward pass uses (see ``LoraRows.set``)."""
         self.rows.set(rows, self.ranks, self.max_rank)
-
-    def acquire_all(self, adapters: list[tuple[str, dict[str, LoraLayer]]]) -> list[int]:
-        """``acquire`` each of a request's adapters, or none: a request never holds some slots while it waits for
-        the others (two requests doing that could wait on each other forever)."""
-        taken: list[int] = []
-        try:
-            for key, layers in adapters:
-                taken.append(self.acquire(key, layers))
-        except BaseException:
-            for slot in taken:
-                self.release(slot)
-            raise
-        return taken
 
     def release(self, slot: int) -> None:
         left = self.users.get(slot, 0) - 1

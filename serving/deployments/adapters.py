@@ -3,8 +3,10 @@
 The text encoder and the denoiser each hold a ``LoraBank`` per loaded model (its slots) and share this logic: a
 request names its adapters by pinned reference (``AdapterUse``); the files are fetched, verified and converted on a
 worker thread (``AdapterStore``, host memory), so a cold adapter never holds up the running batch; then the
-request's adapters are copied into free slots on the compute thread, all at once or not at all, and the request
-waits while every slot is in use by running requests. Slots are released when the request leaves.
+request's slots are reserved on the event loop, all at once or not at all (a request waits while every slot is in
+use by running requests), and only the adapters not yet resident are copied in, on the compute thread between
+forward passes. A request whose adapters are resident never waits for the compute thread. Slots are released when
+the request leaves.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
 from ray import serve
@@ -33,10 +36,10 @@ AFFINITY_SETS = 16
 class ReplicaAdapters:
     """Adapters of one replica (``component``: ``unet`` or ``text_encoder``, the layers this stage applies)."""
 
-    def __init__(self, store: AdapterStore, component: str, run_compute: Any) -> None:
+    def __init__(self, store: AdapterStore, component: str, executor: Executor) -> None:
         self.store = store
         self.component = component
-        self.run_compute = run_compute
+        self.executor = executor  # the replica's compute thread
         self._loading: dict[str, asyncio.Future[LoadedAdapter]] = {}
         self._freed = asyncio.Condition()
 
@@ -51,6 +54,10 @@ class ReplicaAdapters:
             self._loading[ref] = future
             future.add_done_callback(lambda _: self._loading.pop(ref, None))
         return await asyncio.shield(future)
+
+    def submit_compute(self, fn: Any, *args: Any) -> asyncio.Future[Any]:
+        """Queue ``fn`` on the compute thread now (not when the returned future is first awaited)."""
+        return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     @contextlib.asynccontextmanager
     async def slots(self, stage: Any, uses: tuple[AdapterUse, ...]) -> AsyncIterator[list[tuple[str, int, float]]]:
@@ -76,26 +83,41 @@ class ReplicaAdapters:
         if not wanted:
             yield []
             return
-        taken = await self._acquire(bank, [(use.ref, layers) for use, layers in wanted])
+        adapters = [(use.ref, layers) for use, layers in wanted]
+        taken = await self._reserve(bank, adapters)
         try:
-            yield [(use.ref, slot, use.scale) for (use, _), slot in zip(wanted, taken, strict=True)]
+            # Submitted now, before anything later on this loop: a request that finds one of these adapters
+            # resident while its copy is queued has its work run after the copy on the same compute thread.
+            fills = [
+                self.submit_compute(bank.fill, slot, layers)
+                for (slot, fresh), (_, layers) in zip(taken, adapters, strict=True)
+                if fresh
+            ]
+            try:
+                await asyncio.gather(*fills)
+            except BaseException:
+                for (_slot, fresh), (key, _) in zip(taken, adapters, strict=True):
+                    if fresh:
+                        bank.forget(key)
+                raise
+            yield [(use.ref, slot, use.scale) for (use, _), (slot, _) in zip(wanted, taken, strict=True)]
         finally:
-            await asyncio.shield(self._release(bank, taken))
+            for slot, _ in taken:
+                bank.release(slot)
+            await asyncio.shield(self._notify())
 
-    async def _acquire(self, bank: Any, adapters: list[tuple[str, dict[str, Any]]]) -> list[int]:
+    async def _reserve(self, bank: Any, adapters: list[tuple[str, dict[str, Any]]]) -> list[tuple[int, bool]]:
         from models.adapters import SlotsBusy
 
         while True:
-            async with self._freed:
-                try:
-                    taken: list[int] = await self.run_compute(bank.acquire_all, adapters)
-                    return taken
-                except SlotsBusy:
+            try:
+                taken: list[tuple[int, bool]] = bank.reserve_all(adapters)
+                return taken
+            except SlotsBusy:
+                async with self._freed:
                     await self._freed.wait()  # a request releasing its slots wakes us (the deadline bounds this)
 
-    async def _release(self, bank: Any, slots: list[int]) -> None:
-        for slot in slots:  # on the compute thread too: the bank is not thread-safe
-            await self.run_compute(bank.release, slot)
+    async def _notify(self) -> None:
         async with self._freed:
             self._freed.notify_all()
 
@@ -146,4 +168,4 @@ def adapter_support(replica: Any, component: str) -> ReplicaAdapters:
     from models.adapters import AdapterStore
 
     store = AdapterStore(replica.config.snapshot_cache(SDSERVE_HOME), replica.config.lora.host_cache_mb * 2**20)
-    return ReplicaAdapters(store, component, replica.run_compute)
+    return ReplicaAdapters(store, component, replica.executor)

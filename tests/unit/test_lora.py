@@ -198,3 +198,18 @@ def test_unfit_adapters_are_refused(tiny_model_dir, loras, tmp_path) -> None:  #
     (tmp_path / "pickle" / "x.ckpt").write_bytes(b"\x80\x04")
     with pytest.raises(AdapterError, match=r"one \.safetensors file"):
         read_lora(tmp_path / "pickle")
+
+
+def test_a_request_reserves_all_its_slots_or_none(tiny_model_dir, loras) -> None:  # type: ignore[no-untyped-def]
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    bank = LoraBank(unet, UNET_TARGETS, slots=2, max_rank=8, per_row=2, max_rows=4, component="UNet")
+    layers = read_lora(loras["kohya-unet"]).unet
+    held, fresh = bank.reserve("a", layers)
+    assert fresh and bank.copies == 0  # bookkeeping only: the copy is the caller's to run (fill)
+    bank.fill(held, layers)
+    with pytest.raises(SlotsBusy):
+        bank.reserve_all([("b", layers), ("c", layers)])  # one slot free, two wanted
+    assert set(bank.resident) == {"a"} and bank.users == {held: 1}  # nothing of the failed request is kept
+    assert bank.reserve_all([("a", layers), ("b", layers)]) == [(held, False), (3 - held, True)]
