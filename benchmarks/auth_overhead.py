@@ -22,24 +22,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
-import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
+import torch
 
 from benchmarks.bench import model_dir, wait_until_quiet
 from benchmarks.loadgen import percentiles
-from benchmarks.upscale_safety import write_section
+from benchmarks.upscale_safety import run_meta, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "auth"
@@ -266,18 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         kinds = run(settings)
         results = {
-            "meta": {
-                "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
-                f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
-                "device": "cpu",
-                "commit": subprocess.run(
-                    ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-                ).stdout.strip(),
-                "quick": args.quick,
-                "settings": asdict(settings),
-                "wall_s": round(time.perf_counter() - started, 1),
-            },
+            # The ingress processes under test run no torch; the metadata helper reports the CPU as the device.
+            "meta": run_meta(torch.device("cpu"), settings, started, quick=args.quick),
             "kinds": kinds,
         }
         out.mkdir(parents=True, exist_ok=True)
