@@ -88,11 +88,10 @@ def read_lora(path: Path) -> LoraWeights:
     """
     from diffusers import StableDiffusionPipeline
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     path = lora_file(path)
     try:
-        raw = load_file(str(path))
+        raw = _header(path)  # names and shapes: the tensors are read once, by diffusers below
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"{path.name} is not a readable safetensors file: {exc}", "loras") from exc
     if not raw:
@@ -134,19 +133,24 @@ def read_lora(path: Path) -> LoraWeights:
     return LoraWeights(family=family, format="kohya" if kohya else "diffusers", unet=unet, text_encoder=text)
 
 
+def _header(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors as meta tensors: names and shapes from its header, no tensor data read."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        names: list[str] = list(f.keys())  # a safe_open handle is not a dict
+        return {name: torch.empty(f.get_slice(name).get_shape(), device="meta") for name in names}
+
+
 def header_family(directory: Path) -> str:
     """The base family of the adapter file in ``directory`` from its header alone (names and shapes, no tensor
     data); "" when it is not a readable adapter."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
 
     try:
-        path = lora_file(directory)
-        with safe_open(str(path), framework="pt") as f:
-            names: list[str] = list(f.keys())  # a safe_open handle is not a dict
-            shapes = {name: torch.empty(f.get_slice(name).get_shape(), device="meta") for name in names}
+        return detect_family(_header(lora_file(directory)))
     except (AdapterError, SafetensorError, OSError, ValueError):
         return ""
-    return detect_family(shapes)
 
 
 def detect_family(raw: dict[str, torch.Tensor]) -> str:

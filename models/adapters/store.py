@@ -14,7 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from models.adapters.lora import AdapterError, LoraWeights, read_lora
-from models.registry import RegistryError, SnapshotCache
+from models.registry import SnapshotCache
 from models.registry.errors import IntegrityError, UnsafeWeightsError
 
 ADAPTER_KIND = "lora"
@@ -82,6 +82,3 @@ class AdapterStore:
                 "host_max_bytes": self.max_bytes,
                 "loads": self.loads,
             }
-
-
-__all__ = ["AdapterStore", "LoadedAdapter", "RegistryError"]
