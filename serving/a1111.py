@@ -258,14 +258,9 @@ class A1111Api:
         )
 
     def prepare(self, body: GenerationFields) -> GenerationRequest:
-        """See ``_prepare``; the ``<lora:...>`` tags of the prompt become the request's adapters, and are not
-        encoded (as in A1111)."""
-        prompt, loras = lora_tags(body.prompt)
-        return self._prepare(body, prompt, loras)
-
-    def _prepare(self, body: GenerationFields, prompt: str, loras: list[LoraRequest]) -> GenerationRequest:
         """The native request for the fields txt2img and img2img share, checked by the same resolver as every other
-        route; errors name A1111's fields.
+        route; errors name A1111's fields. The prompt's ``<lora:...>`` tags become the request's adapters and are
+        not encoded (as in A1111).
 
         Sizes that are not multiples of 8 are refused with a 422 naming ``width`` / ``height`` rather than
         rounded (A1111 silently floors them, so its output would not have the size asked for)."""
@@ -276,6 +271,7 @@ class A1111Api:
         for name, value in (("width", body.width), ("height", body.height)):
             if value % 8:
                 raise invalid(f"{name} {value} is not a multiple of 8", name)
+        prompt, loras = lora_tags(body.prompt)
         try:
             native = ImageGenerationRequest(
                 prompt=prompt,

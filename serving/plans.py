@@ -106,6 +106,8 @@ def _finish(calls: list[StageCall], req: GenerationRequest, input: Any = None) -
 
 
 ROUTE_SEPARATOR = "|"  # pinned references hold no "|" (serving/deployments/adapters.py splits on it)
+# The stages whose replicas hold adapter slots (their calls carry a request's adapter route).
+ADAPTER_STAGES = ("text_encoder", "denoiser")
 
 
 def adapter_route(req: GenerationRequest) -> str:
@@ -150,10 +152,6 @@ def plan_generation(req: GenerationRequest) -> Plan:
         return plan
     routed = tuple(replace(c, route=route) if c.stage in ADAPTER_STAGES else c for c in plan.calls)
     return replace(plan, calls=routed)
-
-
-# The stages whose replicas hold adapter slots.
-ADAPTER_STAGES = ("text_encoder", "denoiser")
 
 
 def _text_to_image(req: GenerationRequest) -> Plan:
