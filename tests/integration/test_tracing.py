@@ -209,6 +209,14 @@ def test_jobs_and_grpc_carry_the_client_trace(traced_app: str, live: LiveService
         metadata = (*live.grpc_metadata(APP), ("traceparent", rpc_header))
         stub.Generate(pb.GenerateRequest(prompt="a traced call", steps=2), metadata=metadata, timeout=120)
 
+    # The job runs in the background: on a loaded machine it may finish long after the RPC; its spans leave the
+    # replicas within the export delay once it has.
+    with httpx.Client(base_url=traced_app, timeout=60) as client:
+        deadline = time.monotonic() + 180
+        while (state := client.get(f"/v1/jobs/{job.json()['id']}").json()["state"]) in ("queued", "running"):
+            assert time.monotonic() < deadline, state
+            time.sleep(0.2)
+    assert state == "succeeded", state
     job_spans = wait_for(receiver, job_trace, lambda found: components(found) >= {"ingress", *STAGES})
     (denoise,) = [s for s in job_spans if s.component == "denoiser"]
     assert denoise.span.name == "denoiser denoise" and denoise.attributes["sdserve.steps"] == 2
